@@ -1,0 +1,5 @@
+import sys
+
+from kiapi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""The ASGI application: Connexion loads every spec and routes operationIds to handlers.
+
+``create_app(settings)`` builds the app; its lifespan creates the :class:`Runtime`, starts it
+before the first request, hands it to handlers through the lifespan state
+(``request.state.runtime``) and stops it at shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from connexion import AsyncApp
+from connexion.options import SwaggerUIOptions
+from connexion.resolver import RelativeResolver
+
+from kiapi.config import Settings
+from kiapi.http.docs import doc_routes
+from kiapi.http.errors import install_error_handlers
+from kiapi.http.validation import VALIDATOR_MAP
+from kiapi.runtime.core import Runtime
+from kiapi.specs import SPEC_SOURCES, served_document, to_openapi_30
+
+log = logging.getLogger(__name__)
+
+RuntimeFactory = Callable[[Settings], Runtime]
+
+
+def create_app(
+    settings: Settings | None = None, *, runtime_factory: RuntimeFactory = Runtime
+) -> AsyncApp:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(_app) -> AsyncIterator[dict]:
+        runtime = runtime_factory(settings)
+        runtime.start()
+        log.info("kiapi ready: files in %s, memory budget %.2f GB",
+                 settings.files_root, settings.memory_limit_gb)
+        try:
+            yield {"runtime": runtime}
+        finally:
+            runtime.stop()
+
+    app = AsyncApp(
+        "kiapi",
+        lifespan=lifespan,
+        validator_map=VALIDATOR_MAP,
+        # We serve each spec's docs ourselves: Connexion would serve the 3.0 conversion, and two
+        # APIs on one base path hide each other's docs.
+        swagger_ui_options=SwaggerUIOptions(serve_spec=False, swagger_ui=False),
+    )
+    for source in SPEC_SOURCES:
+        app.add_api(
+            to_openapi_30(served_document(source.name)),
+            name=source.name,
+            resolver=RelativeResolver(source.handler_module),
+        )
+    for path, view in doc_routes():
+        app.add_url_rule(path, endpoint=path, view_func=view, methods=["GET"])
+    install_error_handlers(app)
+    return app

@@ -1,0 +1,61 @@
+"""Settings, read from ``KIAPI_*`` environment variables (and an optional ``.env``).
+
+Settings are created by the CLI (or a test) and injected into :func:`kiapi.app.create_app`;
+nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def physical_memory_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):  # platforms without sysconf
+        return 8.0
+
+
+def default_memory_limit_gb() -> float:
+    return round(0.8 * physical_memory_gb(), 2)
+
+
+def default_files_root() -> Path:
+    return platformdirs.user_data_path("kiapi") / "files"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KIAPI_", env_file=".env", extra="ignore")
+
+    files_root: Path = Field(
+        default_factory=default_files_root,
+        description="Directory of the Files API store (uploads and artifacts).",
+    )
+    max_upload_mb: PositiveFloat = Field(512, description="Largest accepted upload, in MB.")
+    max_queue: PositiveInt = Field(64, description="Jobs that may wait for the worker; more -> 503.")
+    sync_timeout_s: PositiveFloat = Field(
+        300, description="How long a sync request waits for its job before answering 504."
+    )
+    max_finished_jobs: int = Field(
+        1000, ge=0, description="Finished jobs kept in memory; the oldest are dropped first."
+    )
+    memory_limit_gb: PositiveFloat = Field(
+        default_factory=default_memory_limit_gb,
+        description="Global budget for resident models (default: 80% of physical RAM).",
+    )
+    default_ttl_s: float = Field(
+        1800, description="Idle seconds before a model is unloaded; <= 0 pins models."
+    )
+    ttl_sweep_s: PositiveFloat = Field(
+        30, description="How often the idle worker checks model TTLs, in seconds."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

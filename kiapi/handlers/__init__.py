@@ -1,0 +1,13 @@
+"""Connexion handlers: one module per spec (``specs/<name>.json`` -> ``kiapi.handlers.<name>``),
+one function per operationId. Handlers stay thin: they translate between HTTP and the runtime."""
+
+from __future__ import annotations
+
+from connexion import request
+
+from kiapi.runtime.core import Runtime
+
+
+def runtime() -> Runtime:
+    """The process's runtime, from the lifespan state of the current request."""
+    return request.state.runtime

@@ -1,0 +1,92 @@
+"""Handlers of ``specs/common.json``: health, the Files API and the Jobs API."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from urllib.parse import quote
+
+from connexion import request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
+
+from kiapi.handlers import runtime
+from kiapi.http.multipart import staged_form
+from kiapi.runtime.errors import NotFound
+
+DOWNLOAD_CHUNK = 256 * 1024
+
+
+async def health_health_get():
+    return runtime().health()
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+async def list_files_v1_files_get():
+    return {"object": "list", "data": [r.to_dict() for r in runtime().files.list()]}
+
+
+async def upload_v1_files_post():
+    form = staged_form(request.scope)
+    try:
+        upload = form.files["file"]
+        record = await run_in_threadpool(
+            upload.staged.commit, upload.filename, upload.content_type, {"source": "upload"}
+        )
+    finally:
+        form.discard()  # anything not committed
+    return record.to_dict()
+
+
+async def get_file_v1_files__file_id__get(file_id: str):
+    return runtime().files.get(file_id).to_dict()
+
+
+async def delete_file_v1_files__file_id__delete(file_id: str):
+    runtime().files.delete(file_id)
+    return {"deleted": True, "file_id": file_id}
+
+
+def _content_disposition(filename: str) -> str:
+    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "'").replace("?", "_")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}"
+
+
+async def download_file_v1_files__file_id__download_get(file_id: str):
+    store = runtime().files
+    record = store.get(file_id)
+    try:  # open now: a delete after this point cannot break the response
+        fh = open(store.path(file_id), "rb")  # noqa: SIM115 - closed by the iterator
+    except FileNotFoundError:
+        raise NotFound(f"no file with id {file_id!r}") from None
+
+    def chunks() -> Iterator[bytes]:
+        with fh:
+            while chunk := fh.read(DOWNLOAD_CHUNK):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        headers={
+            "Content-Type": record.content_type,
+            "Content-Length": str(os.fstat(fh.fileno()).st_size),
+            "Content-Disposition": _content_disposition(record.filename),
+        },
+    )
+
+
+# -- jobs -----------------------------------------------------------------------------------
+
+
+async def list_jobs_v1_jobs_get():
+    return {"object": "list", "data": runtime().jobs.list()}
+
+
+async def get_job_v1_jobs__job_id__get(job_id: str):
+    return runtime().jobs.snapshot(job_id)
+
+
+async def delete_job_v1_jobs__job_id__delete(job_id: str):
+    return runtime().delete_job(job_id)

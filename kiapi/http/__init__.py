@@ -1,0 +1,1 @@
+"""HTTP plumbing around Connexion: validators, error mapping, streaming uploads, docs pages."""

@@ -1,0 +1,125 @@
+"""The runtime every capability shares: job store, worker, file store, registry, memory.
+
+One :class:`Runtime` exists per server process. The app's lifespan creates it, calls
+:meth:`Runtime.start` before the first request and :meth:`Runtime.stop` after the last; the
+handlers reach it through the lifespan state. It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kiapi.config import Settings
+from kiapi.runtime.catalog import default_registry
+from kiapi.runtime.errors import SyncTimeout
+from kiapi.runtime.files import FileStore
+from kiapi.runtime.jobs import RUNNING, Job, JobStore
+from kiapi.runtime.memory import MemoryManager, load_with_spec_loader
+from kiapi.runtime.registry import LoadedModel, ModelSpec, Registry
+from kiapi.runtime.worker import JobBody, JobOutput, Worker
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry | None = None,
+        loader: Callable[[ModelSpec], LoadedModel] = load_with_spec_loader,
+        clock: Callable[[], float] = time.monotonic,
+        warmup: list[ModelSpec] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry or default_registry()
+        self.jobs = JobStore(max_finished=settings.max_finished_jobs)
+        self.memory = MemoryManager(
+            settings.memory_limit_gb, default_ttl_s=settings.default_ttl_s, loader=loader, clock=clock
+        )
+        self.worker = Worker(
+            self.jobs,
+            max_queue=settings.max_queue,
+            idle_interval_s=settings.ttl_sweep_s,
+            on_idle=self.memory.sweep,
+        )
+        self.files = FileStore(settings.files_root, max_upload_bytes=settings.max_upload_bytes)
+        self._warmup = list(warmup or [])
+        self._warm = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.files.open()
+        self.worker.start()
+        if not self._warmup:
+            self._warm.set()
+            return
+        job = self.jobs.create("warmup", {"models": [s.name for s in self._warmup]})
+        self.worker.submit(job, self._warm_up)
+
+    def _warm_up(self) -> JobOutput:
+        """Worker thread: load the warmup models; the server is ``warm`` when this is done."""
+        loaded, skipped = [], {}
+        try:
+            for spec in self._warmup:
+                try:
+                    with self.memory.use(spec):
+                        loaded.append(spec.name)
+                except Exception as exc:  # warmup is best effort: report, keep serving
+                    log.warning("warmup of %s skipped: %s", spec.name, exc)
+                    skipped[spec.name] = str(exc)
+        finally:
+            self._warm.set()
+        return JobOutput(result={"loaded": loaded, "skipped": skipped})
+
+    def stop(self) -> None:
+        """Stop the worker (queued jobs are canceled), then unload every model.
+
+        Once the worker thread has ended, the stopping thread owns the memory manager.
+        """
+        self.worker.stop()
+        self.memory.unload_all()
+
+    @property
+    def warm(self) -> bool:
+        return self._warm.is_set()
+
+    # -- jobs -----------------------------------------------------------------------------
+    def submit(self, job_type: str, params: dict[str, Any], body: JobBody) -> Job:
+        job = self.jobs.create(job_type, params)
+        self.worker.submit(job, body)
+        return job
+
+    async def run_sync(self, job_type: str, params: dict[str, Any], body: JobBody) -> JobOutput:
+        """Submit a job and wait for it up to ``sync_timeout_s``.
+
+        On timeout raises :class:`SyncTimeout` naming the job, which keeps running. A caller
+        that goes away (cancellation) leaves the job running too: the wait is shielded.
+        """
+        job = self.submit(job_type, params, body)
+        timeout = self.settings.sync_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
+        except TimeoutError:
+            raise SyncTimeout(job.id, timeout) from None
+
+    def delete_job(self, job_id: str) -> dict[str, Any]:
+        """Forget a job record; a queued job is canceled, a running one keeps running."""
+        job = self.jobs.forget(job_id)
+        canceled = self.worker.cancel(job)
+        return {"deleted": True, "job_id": job_id, "was_running": not canceled and job.status == RUNNING}
+
+    # -- health ---------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        worker_alive = self.worker.thread is not None and self.worker.thread.is_alive()
+        return {
+            "status": "ok" if worker_alive else "degraded",
+            "warm": self.warm,
+            "queue_len": self.worker.queue_len(),
+            "memory": self.memory.snapshot(),
+        }

@@ -1,0 +1,120 @@
+"""The closed set of errors kiapi reports to clients.
+
+Each class carries its HTTP status; the HTTP layer maps :class:`KiapiError` to a response in
+exactly one place (``kiapi.http.errors``), using ``status``, :meth:`KiapiError.body` and
+:meth:`KiapiError.headers` — never the class name. Anything that is not a ``KiapiError`` is a
+bug and surfaces as a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class KiapiError(Exception):
+    """Base of every client-visible error. Not raised directly: raise a subclass."""
+
+    status: ClassVar[int]
+
+    def __init__(self, detail: str, *, hint: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.hint = hint
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"detail": self.detail}
+        if self.hint:
+            body["hint"] = self.hint
+        return body
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadRequest(KiapiError):
+    """A well-formed request that makes no sense: unknown model, empty input, wrong modality."""
+
+    status = 400
+
+
+class NotFound(KiapiError):
+    """An id (job, file) that does not exist (any more)."""
+
+    status = 404
+
+
+class JobCanceled(KiapiError):
+    """The job a caller was waiting for was canceled (``DELETE /v1/jobs/{id}``) before it ran."""
+
+    status = 409
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was canceled before it ran")
+        self.job_id = job_id
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "job_id": self.job_id}
+
+
+class PayloadTooLarge(KiapiError):
+    """A body or upload above its configured cap."""
+
+    status = 413
+
+
+class UnsupportedMediaType(KiapiError):
+    status = 415
+
+
+class RequestInvalid(KiapiError):
+    """Schema violations, reported FastAPI-style: ``{"detail": [{loc, msg, type}, ...]}``."""
+
+    status = 422
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.errors}
+
+
+class Unavailable(KiapiError):
+    """The server cannot take this request now; ``hint`` says how to fix it."""
+
+    status = 503
+
+    def __init__(self, detail: str, *, hint: str | None = None, retry_after_s: int | None = None):
+        super().__init__(detail, hint=hint)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+
+class ModelNotSetUp(Unavailable):
+    """The model is in the catalog but its weights are not on this machine."""
+
+
+class BudgetExceeded(Unavailable):
+    """The model does not fit in the memory budget (even after evicting idle models)."""
+
+
+class Overloaded(Unavailable):
+    """The worker queue is full."""
+
+
+class SyncTimeout(KiapiError):
+    """A sync request waited longer than the sync timeout; the job keeps running."""
+
+    status = 504
+
+    def __init__(self, job_id: str, waited_s: float) -> None:
+        super().__init__(
+            f"job {job_id} did not finish within {waited_s:g} s; it keeps running",
+            hint=f"poll GET /v1/jobs/{job_id} for its status and result",
+        )
+        self.job_id = job_id
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "job_id": self.job_id}

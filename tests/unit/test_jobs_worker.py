@@ -1,0 +1,198 @@
+import threading
+import time
+
+import pytest
+
+from kiapi.runtime.errors import BadRequest, JobCanceled, NotFound, Overloaded
+from kiapi.runtime.jobs import JobStore, redact_params, report_progress
+from kiapi.runtime.worker import JobOutput, Worker
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def store():
+    return JobStore(max_finished=100)
+
+
+@pytest.fixture
+def worker(store):
+    w = Worker(store, max_queue=2, idle_interval_s=0.05)
+    w.start()
+    yield w
+    w.stop()
+
+
+class Gate:
+    """A job body that blocks until released, so tests control what is running."""
+
+    def __init__(self):
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self):
+        self.started.set()
+        assert self.release.wait(5)
+        return JobOutput(result={"ok": True})
+
+
+def test_jobs_run_in_fifo_order_on_one_thread(store, worker):
+    seen = []
+
+    def body(i):
+        def run():
+            seen.append((i, threading.current_thread().name))
+            return JobOutput(result={"i": i})
+        return run
+
+    gate = Gate()
+    worker.submit(store.create("t", {}), gate)
+    gate.started.wait(5)
+    jobs = [store.create("t", {"i": i}) for i in range(2)]
+    futures = [worker.submit(j, body(i)) for i, j in enumerate(jobs)]
+    gate.release.set()
+    assert [f.result(5).result["i"] for f in futures] == [0, 1]
+    assert seen == [(0, "kiapi-worker"), (1, "kiapi-worker")]
+    snap = store.snapshot(jobs[0].id)
+    assert snap["status"] == "succeeded" and snap["progress"] == 1.0 and snap["progress_label"] == "done"
+    assert snap["started_at"] >= snap["created_at"] and snap["finished_at"] >= snap["started_at"]
+
+
+def test_queue_full_raises_overloaded_with_retry_after(store, worker):
+    gate = Gate()
+    worker.submit(store.create("t", {}), gate)
+    gate.started.wait(5)
+    for _ in range(2):
+        worker.submit(store.create("t", {}), lambda: JobOutput(result={}))
+    extra = store.create("t", {})
+    with pytest.raises(Overloaded) as err:
+        worker.submit(extra, lambda: JobOutput(result={}))
+    assert err.value.status == 503 and int(err.value.headers()["Retry-After"]) >= 1
+    assert "KIAPI_MAX_QUEUE" in err.value.hint
+    with pytest.raises(NotFound):  # a refused job leaves no record behind
+        store.snapshot(extra.id)
+    assert worker.queue_len() == 2
+    gate.release.set()
+
+
+def test_cancel_queued_job_never_runs(store, worker):
+    gate = Gate()
+    worker.submit(store.create("t", {}), gate)
+    gate.started.wait(5)
+    ran = []
+    job = store.create("t", {})
+    future = worker.submit(job, lambda: ran.append(1) or JobOutput(result={}))
+    assert worker.cancel(job) is True
+    assert worker.queue_len() == 0
+    with pytest.raises(JobCanceled):
+        future.result(1)
+    gate.release.set()
+    time.sleep(0.1)
+    assert ran == [] and job.status == "canceled"
+
+
+def test_cancel_running_job_is_refused(store, worker):
+    gate = Gate()
+    job = store.create("t", {})
+    future = worker.submit(job, gate)
+    gate.started.wait(5)
+    assert worker.cancel(job) is False
+    gate.release.set()
+    assert future.result(5).result == {"ok": True}
+
+
+def test_client_error_and_crash_fail_only_their_job(store, worker):
+    def bad():
+        raise BadRequest("nope")
+
+    def crash():
+        raise ZeroDivisionError("boom")
+
+    j1, j2, j3 = (store.create("t", {}) for _ in range(3))
+    f1 = worker.submit(j1, bad)
+    f2 = worker.submit(j2, crash)
+    with pytest.raises(BadRequest):
+        f1.result(5)
+    with pytest.raises(ZeroDivisionError):
+        f2.result(5)
+    assert worker.submit(j3, lambda: JobOutput(result={"fine": 1})).result(5).result == {"fine": 1}
+    assert store.snapshot(j1.id)["error"] == "nope"
+    assert "boom" in store.snapshot(j2.id)["error"]
+    assert store.snapshot(j2.id)["status"] == "failed"
+
+
+def test_progress_is_reported_from_inside_the_job(store, worker):
+    gate = threading.Event()
+    seen = threading.Event()
+
+    def body():
+        report_progress(0.25, "denoising")
+        seen.set()
+        gate.wait(5)
+        report_progress(7)  # clamped to 1
+        return JobOutput(result={})
+
+    job = store.create("t", {})
+    future = worker.submit(job, body)
+    seen.wait(5)
+    snap = store.snapshot(job.id)
+    assert (snap["progress"], snap["progress_label"], snap["status"]) == (0.25, "denoising", "running")
+    gate.set()
+    future.result(5)
+
+
+def test_report_progress_outside_a_job_is_a_noop():
+    report_progress(0.5, "anything")  # must not raise
+
+
+def test_retention_bound_drops_oldest_finished(store):
+    small = JobStore(max_finished=2)
+    jobs = [small.create("t", {}) for _ in range(4)]
+    queued = small.create("t", {})
+    for j in jobs:
+        small.finish(j, "succeeded", result={})
+    ids = [j["id"] for j in small.list()]
+    assert ids == [queued.id, jobs[3].id, jobs[2].id]  # newest first, queued never dropped
+
+
+def test_idle_hook_runs_on_the_worker_thread(store):
+    calls = []
+    w = Worker(store, max_queue=1, idle_interval_s=0.01,
+               on_idle=lambda: calls.append(threading.current_thread().name))
+    w.start()
+    wait_until(lambda: len(calls) >= 2)
+    w.stop()
+    assert set(calls) == {"kiapi-worker"}
+
+
+def test_stop_cancels_queued_jobs(store):
+    w = Worker(store, max_queue=4)
+    w.start()
+    gate = Gate()
+    w.submit(store.create("t", {}), gate)
+    gate.started.wait(5)
+    queued = store.create("t", {})
+    future = w.submit(queued, lambda: JobOutput(result={}))
+    threading.Timer(0.05, gate.release.set).start()
+    w.stop()
+    with pytest.raises(JobCanceled):
+        future.result(1)
+    with pytest.raises(Overloaded):
+        w.submit(store.create("t", {}), lambda: JobOutput(result={}))
+
+
+def test_redaction_of_large_media():
+    image = "data:image/png;base64," + "A" * 5000
+    params = redact_params({"image": image, "text": "hi", "model": "m", "nested": {"audio": "B" * 900}})
+    assert params["image"] == f"<redacted: data:image/png, {len(image)} chars>"
+    assert params["nested"]["audio"] == "<redacted: inline, 900 chars>"
+    assert params["text"] == "hi"
+    assert redact_params({"image": "file_0123456789abcdef"})["image"] == "file_0123456789abcdef"
+    long_text = redact_params({"text": "x" * 10_000})["text"]
+    assert len(long_text) < 4200 and "10000 chars" in long_text
