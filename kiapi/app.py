@@ -36,8 +36,11 @@ def create_app(
     async def lifespan(_app) -> AsyncIterator[dict]:
         runtime = runtime_factory(settings)
         runtime.start()
-        log.info("kiapi ready: files in %s, memory budget %.2f GB",
-                 settings.files_root, settings.memory_limit_gb)
+        log.info(
+            "kiapi ready: files in %s, memory budget %.2f GB",
+            settings.files_root,
+            settings.memory_limit_gb,
+        )
         try:
             yield {"runtime": runtime}
         finally:

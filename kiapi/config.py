@@ -37,7 +37,9 @@ class Settings(BaseSettings):
         description="Directory of the Files API store (uploads and artifacts).",
     )
     max_upload_mb: PositiveFloat = Field(512, description="Largest accepted upload, in MB.")
-    max_queue: PositiveInt = Field(64, description="Jobs that may wait for the worker; more -> 503.")
+    max_queue: PositiveInt = Field(
+        64, description="Jobs that may wait for the worker; more -> 503."
+    )
     sync_timeout_s: PositiveFloat = Field(
         300, description="How long a sync request waits for its job before answering 504."
     )

@@ -51,7 +51,8 @@ def defined_handlers(module_name: str) -> set[str]:
     return {
         node.name
         for node in tree.body
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_")
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and not node.name.startswith("_")
     }
 
 
@@ -59,9 +60,13 @@ def check(specs_dir: Path = SPECS_DIR, package: str = "kiapi.handlers") -> list[
     report = []
     for path in spec_files(specs_dir):
         module = f"{package}.{path.stem}"
-        op_ids = {op["operationId"] for _m, _p, op in operations(read_json(path)) if "operationId" in op}
+        op_ids = {
+            op["operationId"] for _m, _p, op in operations(read_json(path)) if "operationId" in op
+        }
         handlers = defined_handlers(module)
-        report.append(Drift(path.stem, module, sorted(op_ids - handlers), sorted(handlers - op_ids)))
+        report.append(
+            Drift(path.stem, module, sorted(op_ids - handlers), sorted(handlers - op_ids))
+        )
     return report
 
 
@@ -74,7 +79,7 @@ def _stub(method: str, path: str, op: dict[str, Any], spec_name: str) -> str:
     return (
         f"\n\nasync def {op['operationId']}({signature}):\n"
         f'    """{method.upper()} {path} — {summary} (scaffolded from specs/{spec_name}.json)."""\n'
-        f"    raise NotImplementedError(\"{op['operationId']} is not implemented yet\")\n"
+        f'    raise NotImplementedError("{op["operationId"]} is not implemented yet")\n'
     )
 
 
@@ -85,7 +90,9 @@ def scaffold(specs_dir: Path = SPECS_DIR, package: str = "kiapi.handlers") -> di
         if not drift.missing:
             continue
         spec = read_json(specs_dir / f"{drift.spec}.json")
-        ops = {op["operationId"]: (m, p, op) for m, p, op in operations(spec) if "operationId" in op}
+        ops = {
+            op["operationId"]: (m, p, op) for m, p, op in operations(spec) if "operationId" in op
+        }
         path = _module_file(drift.module)
         if path is None:
             package_dir = Path(inspect.getfile(importlib.import_module(package))).parent

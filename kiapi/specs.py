@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -68,7 +69,9 @@ def add_only_merge(base: Any, extra: Any, _where: str = "$") -> Any:
         merged = copy.deepcopy(base)
         for key, value in extra.items():
             where = f"{_where}.{key}"
-            merged[key] = add_only_merge(base[key], value, where) if key in base else copy.deepcopy(value)
+            merged[key] = (
+                add_only_merge(base[key], value, where) if key in base else copy.deepcopy(value)
+            )
         return merged
     if base != extra:
         raise SpecAdditionConflict(f"additions would change {_where}: {base!r} -> {extra!r}")
@@ -103,6 +106,28 @@ def operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             if method in item:
                 found.append((method, path, item[method]))
     return found
+
+
+@cache
+def _route_table() -> tuple[tuple[re.Pattern, frozenset[str]], ...]:
+    table = []
+    for source in SPEC_SOURCES:
+        for path, item in served_document(source.name).get("paths", {}).items():
+            pattern = re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path))
+            methods = frozenset(m.upper() for m in HTTP_METHODS if m in item)
+            table.append((re.compile(f"^{pattern}$"), methods))
+    return tuple(table)
+
+
+def allowed_methods(path: str) -> list[str]:
+    """Every method the served specs define for ``path`` (plus HEAD wherever GET is)."""
+    methods: set[str] = set()
+    for pattern, found in _route_table():
+        if pattern.match(path):
+            methods |= found
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 # --------------------------------------------------------------------------- 3.1 -> 3.0

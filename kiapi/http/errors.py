@@ -19,6 +19,7 @@ from connexion.lifecycle import ConnexionRequest, ConnexionResponse
 from starlette.exceptions import HTTPException
 
 from kiapi.runtime.errors import KiapiError
+from kiapi.specs import allowed_methods
 
 
 def json_error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
@@ -31,17 +32,26 @@ def json_error(status: int, body: dict[str, Any], headers: dict[str, str] | None
     )
 
 
+def _headers(request: ConnexionRequest, status: int, headers: dict[str, str]) -> dict[str, str]:
+    """405 answers list every method of the resource (Connexion's list only one API's)."""
+    headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
+    if status == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request.scope["path"]))
+    return headers
+
+
 def kiapi_error(_request: ConnexionRequest, exc: KiapiError) -> ConnexionResponse:
     return json_error(exc.status, exc.body(), exc.headers())
 
 
-def problem_error(_request: ConnexionRequest, exc: ProblemException) -> ConnexionResponse:
-    headers = dict(exc.headers or {})
+def problem_error(request: ConnexionRequest, exc: ProblemException) -> ConnexionResponse:
+    headers = _headers(request, exc.status, dict(exc.headers or {}))
     return json_error(exc.status, {"detail": exc.detail or exc.title}, headers)
 
 
-def http_error(_request: ConnexionRequest, exc: HTTPException) -> ConnexionResponse:
-    return json_error(exc.status_code, {"detail": exc.detail}, dict(exc.headers or {}))
+def http_error(request: ConnexionRequest, exc: HTTPException) -> ConnexionResponse:
+    headers = _headers(request, exc.status_code, dict(exc.headers or {}))
+    return json_error(exc.status_code, {"detail": exc.detail}, headers)
 
 
 def install_error_handlers(app: AsyncApp) -> None:

@@ -28,7 +28,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import Receive, Scope
 
-from kiapi.runtime.errors import KiapiError, PayloadTooLarge, RequestInvalid
+from kiapi.runtime.errors import PayloadTooLarge, RequestInvalid
 from kiapi.runtime.files import FileStore, StagedFile
 
 FORM_SCOPE_KEY = "kiapi.form"
@@ -79,6 +79,7 @@ class _FormBuilder:
         self._headers: dict[str, bytes] = {}
         self._sink: StagedFile | bytearray | None = None
         self._name = ""
+        self.complete = False  # set when the closing boundary has been parsed
 
     def callbacks(self) -> dict[str, t.Callable]:
         return {
@@ -89,6 +90,7 @@ class _FormBuilder:
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
+            "on_end": self._end,
         }
 
     def _part_begin(self) -> None:
@@ -128,6 +130,9 @@ class _FormBuilder:
             self._sink.extend(data[start:end])
             if len(self._sink) > MAX_FIELD_BYTES:
                 raise PayloadTooLarge(f"form field {self._name!r} exceeds {MAX_FIELD_BYTES} bytes")
+
+    def _end(self) -> None:
+        self.complete = True
 
     def _part_end(self) -> None:
         if isinstance(self._sink, bytearray):
@@ -173,11 +178,13 @@ class StreamingMultipartValidator(AbstractRequestBodyValidator):
                 if chunk:
                     parser.write(chunk)
             parser.finalize()
+            if not builder.complete:
+                raise _invalid("multipart body ended before its closing boundary", "incomplete")
             self._validate_form(builder.form, properties)
         except MultipartParseError as exc:
             builder.form.discard()
             raise _invalid(f"malformed multipart body: {exc}") from None
-        except KiapiError:
+        except BaseException:
             builder.form.discard()
             raise
 
@@ -196,7 +203,11 @@ class StreamingMultipartValidator(AbstractRequestBodyValidator):
         validator = Draft4Validator(text_schema, format_checker=Draft4Validator.FORMAT_CHECKER)
         for error in validator.iter_errors(form.fields):
             errors.append(
-                {"loc": ["body", *error.absolute_path], "msg": error.message, "type": str(error.validator)}
+                {
+                    "loc": ["body", *error.absolute_path],
+                    "msg": error.message,
+                    "type": str(error.validator),
+                }
             )
         if errors:
             raise RequestInvalid(errors)

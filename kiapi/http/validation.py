@@ -112,11 +112,23 @@ class ContractJSONBodyValidator(JSONRequestBodyValidator):
             return json.loads(raw.decode(self._encoding))
         except (UnicodeDecodeError, LookupError) as exc:
             raise RequestInvalid(
-                [{"loc": ["body"], "msg": f"body is not valid {self._encoding}: {exc}", "type": "json_invalid"}]
+                [
+                    {
+                        "loc": ["body"],
+                        "msg": f"body is not valid {self._encoding}: {exc}",
+                        "type": "json_invalid",
+                    }
+                ]
             ) from None
         except json.JSONDecodeError as exc:
             raise RequestInvalid(
-                [{"loc": ["body", exc.pos], "msg": f"JSON decode error: {exc.msg}", "type": "json_invalid"}]
+                [
+                    {
+                        "loc": ["body", exc.pos],
+                        "msg": f"JSON decode error: {exc.msg}",
+                        "type": "json_invalid",
+                    }
+                ]
             ) from None
 
     def _validate(self, body: t.Any) -> None:

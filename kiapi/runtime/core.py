@@ -40,7 +40,10 @@ class Runtime:
         self.registry = registry or default_registry()
         self.jobs = JobStore(max_finished=settings.max_finished_jobs)
         self.memory = MemoryManager(
-            settings.memory_limit_gb, default_ttl_s=settings.default_ttl_s, loader=loader, clock=clock
+            settings.memory_limit_gb,
+            default_ttl_s=settings.default_ttl_s,
+            loader=loader,
+            clock=clock,
         )
         self.worker = Worker(
             self.jobs,
@@ -112,7 +115,11 @@ class Runtime:
         """Forget a job record; a queued job is canceled, a running one keeps running."""
         job = self.jobs.forget(job_id)
         canceled = self.worker.cancel(job)
-        return {"deleted": True, "job_id": job_id, "was_running": not canceled and job.status == RUNNING}
+        return {
+            "deleted": True,
+            "job_id": job_id,
+            "was_running": not canceled and job.status == RUNNING,
+        }
 
     # -- health ---------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

@@ -178,10 +178,9 @@ class FileStore:
         self.root.mkdir(parents=True, exist_ok=True)
         removed = 0
         for path in self.root.iterdir():
-            if path.name.startswith(TMP_PREFIX):
-                path.unlink(missing_ok=True)
-                removed += 1
-            elif path.suffix == ".bin" and not path.with_suffix(".json").exists():
+            temp = path.name.startswith(TMP_PREFIX)
+            orphan = path.suffix == ".bin" and not path.with_suffix(".json").exists()
+            if temp or orphan:
                 path.unlink(missing_ok=True)
                 removed += 1
         index: dict[str, FileRecord] = {}
@@ -197,7 +196,9 @@ class FileStore:
         with self._lock:
             self._index = index
         if removed:
-            log.info("file store: removed %d leftover temp/orphan file(s) in %s", removed, self.root)
+            log.info(
+                "file store: removed %d leftover temp/orphan file(s) in %s", removed, self.root
+            )
         return self
 
     # -- writing --------------------------------------------------------------------------

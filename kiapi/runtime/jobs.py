@@ -21,7 +21,13 @@ from typing import Any
 
 from kiapi.runtime.errors import NotFound
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "canceled",
+)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELED})
 
 MEDIA_FIELDS = frozenset({"image", "images", "audio", "video", "mask", "file"})
@@ -49,7 +55,9 @@ def redact_params(params: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, str):
             return value
         if key in MEDIA_FIELDS and (len(value) > MAX_KEPT_MEDIA_CHARS or value.startswith("data:")):
-            kind = value.split(";", 1)[0].split(",", 1)[0] if value.startswith("data:") else "inline"
+            kind = (
+                value.split(";", 1)[0].split(",", 1)[0] if value.startswith("data:") else "inline"
+            )
             return f"<redacted: {kind}, {len(value)} chars>"
         if len(value) > MAX_KEPT_TEXT_CHARS:
             return value[:MAX_KEPT_TEXT_CHARS] + f"…<truncated, {len(value)} chars in all>"

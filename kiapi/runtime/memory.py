@@ -33,13 +33,18 @@ from kiapi.runtime.registry import LoadedModel, ModelSpec
 log = logging.getLogger(__name__)
 
 
-def load_with_spec_loader(spec: ModelSpec) -> LoadedModel:
-    """The production loader: the catalog entry's own loader, or 503 if it has none."""
+def require_set_up(spec: ModelSpec) -> None:
+    """Raise :class:`ModelNotSetUp` (503, with the catalog's set-up hint) if it cannot load."""
     if spec.loader is None:
         raise ModelNotSetUp(
             f"model {spec.name!r} is not set up on this server",
             hint=spec.set_up_hint or f"make the weights of {spec.repo} available locally",
         )
+
+
+def load_with_spec_loader(spec: ModelSpec) -> LoadedModel:
+    """The production loader: the catalog entry's own loader, or 503 if it has none."""
+    require_set_up(spec)
     return spec.loader(spec)
 
 
@@ -83,7 +88,8 @@ class MemoryManager:
             raise BudgetExceeded(
                 f"model {spec.name!r} needs {need_gb:.2f} GB (weights + peak headroom), more than "
                 f"the whole memory budget of {self.budget_gb:.2f} GB",
-                hint="raise KIAPI_MEMORY_LIMIT_GB if the machine has the memory, or use a smaller model",
+                hint="raise KIAPI_MEMORY_LIMIT_GB if the machine has the memory, "
+                "or use a smaller model",
             )
         used = sum(r.loaded.weight_gb for r in others)
         victims: list[_Resident] = []
@@ -123,7 +129,9 @@ class MemoryManager:
                 self._residents[spec.name] = resident
             log.info(
                 "loaded model %s: %.3f GB in %.2f s",
-                spec.name, loaded.weight_gb, self._clock() - started,
+                spec.name,
+                loaded.weight_gb,
+                self._clock() - started,
             )
             try:  # the measured weight may exceed the estimate: make room again or give up
                 for victim in self._plan_room(spec, loaded.weight_gb + spec.peak_headroom_gb):
@@ -157,7 +165,9 @@ class MemoryManager:
         expired = [
             name
             for name, r in self._residents.items()
-            if r.in_use == 0 and (ttl := self.ttl_of(r.spec)) is not None and now - r.last_used >= ttl
+            if r.in_use == 0
+            and (ttl := self.ttl_of(r.spec)) is not None
+            and now - r.last_used >= ttl
         ]
         for name in expired:
             self._evict(name, "ttl")

@@ -166,4 +166,3 @@ class Worker:
                 job.future.set_result(output)
             elapsed = time.monotonic() - started
             self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
-

@@ -42,8 +42,10 @@ def test_size_cap_aborts_and_removes_temp(store):
 def test_records_survive_restart_and_list_newest_first(tmp_path):
     clock = iter([100.0, 200.0, 300.0])
     store = FileStore(tmp_path, max_upload_bytes=10, clock=lambda: next(clock)).open()
-    ids = [store.put_bytes(b"%d" % i, filename=f"{i}.txt", content_type="text/plain").file_id
-           for i in range(3)]
+    ids = [
+        store.put_bytes(b"%d" % i, filename=f"{i}.txt", content_type="text/plain").file_id
+        for i in range(3)
+    ]
     reopened = FileStore(tmp_path, max_upload_bytes=10).open()
     assert [r.file_id for r in reopened.list()] == ids[::-1]
     assert reopened.get(ids[1]).to_dict() == store.get(ids[1]).to_dict()
@@ -54,7 +56,9 @@ def test_open_removes_crash_leftovers(tmp_path):
     store = FileStore(tmp_path, max_upload_bytes=100).open()
     kept = store.put_bytes(b"keep", filename="k", content_type="text/plain")
     (tmp_path / ".tmp-abc123").write_bytes(b"half an upload")
-    (tmp_path / "file_00112233445566778899aabb.bin").write_bytes(b"bytes whose sidecar never landed")
+    (tmp_path / "file_00112233445566778899aabb.bin").write_bytes(
+        b"bytes whose sidecar never landed"
+    )
     (tmp_path / "file_ffeeddccbbaa998877665544.json").write_text("{not json")
     reopened = FileStore(tmp_path, max_upload_bytes=100).open()
     assert [r.file_id for r in reopened.list()] == [kept.file_id]
@@ -81,8 +85,14 @@ def test_sidecar_holds_the_api_shape(store):
 
 @pytest.mark.parametrize(
     ("raw", "clean"),
-    [(None, "upload.bin"), ("", "upload.bin"), ("a/b\\c.png", "c.png"), ("bad\x00\nname", "badname"),
-     ("x" * 300, "x" * 255), ("..", "upload.bin")],
+    [
+        (None, "upload.bin"),
+        ("", "upload.bin"),
+        ("a/b\\c.png", "c.png"),
+        ("bad\x00\nname", "badname"),
+        ("x" * 300, "x" * 255),
+        ("..", "upload.bin"),
+    ],
 )
 def test_clean_filename(raw, clean):
     assert clean_filename(raw) == clean

@@ -42,14 +42,30 @@ def toy_project(tmp_path, monkeypatch):
     specs = tmp_path / "specs"
     specs.mkdir()
     spec = {
-        "openapi": "3.1.0", "info": {"title": "toy", "version": "1"},
+        "openapi": "3.1.0",
+        "info": {"title": "toy", "version": "1"},
         "paths": {
-            "/things": {"get": {"operationId": "list_things", "responses": {"200": {"description": "ok"}}}},
-            "/things/{thing_id}": {"post": {
-                "operationId": "poke_thing", "summary": "Poke",
-                "parameters": [{"name": "thing_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}},
-                "responses": {"200": {"description": "ok"}}}},
+            "/things": {
+                "get": {"operationId": "list_things", "responses": {"200": {"description": "ok"}}}
+            },
+            "/things/{thing_id}": {
+                "post": {
+                    "operationId": "poke_thing",
+                    "summary": "Poke",
+                    "parameters": [
+                        {
+                            "name": "thing_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "requestBody": {
+                        "content": {"application/json": {"schema": {"type": "object"}}}
+                    },
+                    "responses": {"200": {"description": "ok"}},
+                }
+            },
         },
     }
     (specs / "toy.json").write_text(json.dumps(spec))
@@ -75,15 +91,22 @@ def toy_project(tmp_path, monkeypatch):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "kiapi", *args], capture_output=True, text=True,
-                          cwd=cwd, env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "kiapi", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_check_reports_drift_and_exits_1(toy_project, tmp_path):
     specs, _pkg, _ = toy_project
     [drift] = check(specs, "toyhandlers")
     assert drift.missing == ["poke_thing"] and drift.orphans == ["orphan_helper"]
-    result = run_cli("handlers", "check", "--specs-dir", str(specs), "--package", "toyhandlers", cwd=tmp_path)
+    result = run_cli(
+        "handlers", "check", "--specs-dir", str(specs), "--package", "toyhandlers", cwd=tmp_path
+    )
     assert result.returncode == 1
     assert "missing handler: toyhandlers.toy.poke_thing" in result.stdout
     assert "handler without operation: toyhandlers.toy.orphan_helper" in result.stdout

@@ -49,6 +49,7 @@ def test_jobs_run_in_fifo_order_on_one_thread(store, worker):
         def run():
             seen.append((i, threading.current_thread().name))
             return JobOutput(result={"i": i})
+
         return run
 
     gate = Gate()
@@ -60,7 +61,11 @@ def test_jobs_run_in_fifo_order_on_one_thread(store, worker):
     assert [f.result(5).result["i"] for f in futures] == [0, 1]
     assert seen == [(0, "kiapi-worker"), (1, "kiapi-worker")]
     snap = store.snapshot(jobs[0].id)
-    assert snap["status"] == "succeeded" and snap["progress"] == 1.0 and snap["progress_label"] == "done"
+    assert (
+        snap["status"] == "succeeded"
+        and snap["progress"] == 1.0
+        and snap["progress_label"] == "done"
+    )
     assert snap["started_at"] >= snap["created_at"] and snap["finished_at"] >= snap["started_at"]
 
 
@@ -142,7 +147,11 @@ def test_progress_is_reported_from_inside_the_job(store, worker):
     future = worker.submit(job, body)
     seen.wait(5)
     snap = store.snapshot(job.id)
-    assert (snap["progress"], snap["progress_label"], snap["status"]) == (0.25, "denoising", "running")
+    assert (snap["progress"], snap["progress_label"], snap["status"]) == (
+        0.25,
+        "denoising",
+        "running",
+    )
     gate.set()
     future.result(5)
 
@@ -163,8 +172,12 @@ def test_retention_bound_drops_oldest_finished(store):
 
 def test_idle_hook_runs_on_the_worker_thread(store):
     calls = []
-    w = Worker(store, max_queue=1, idle_interval_s=0.01,
-               on_idle=lambda: calls.append(threading.current_thread().name))
+    w = Worker(
+        store,
+        max_queue=1,
+        idle_interval_s=0.01,
+        on_idle=lambda: calls.append(threading.current_thread().name),
+    )
     w.start()
     wait_until(lambda: len(calls) >= 2)
     w.stop()
@@ -189,7 +202,9 @@ def test_stop_cancels_queued_jobs(store):
 
 def test_redaction_of_large_media():
     image = "data:image/png;base64," + "A" * 5000
-    params = redact_params({"image": image, "text": "hi", "model": "m", "nested": {"audio": "B" * 900}})
+    params = redact_params(
+        {"image": image, "text": "hi", "model": "m", "nested": {"audio": "B" * 900}}
+    )
     assert params["image"] == f"<redacted: data:image/png, {len(image)} chars>"
     assert params["nested"]["audio"] == "<redacted: inline, 900 chars>"
     assert params["text"] == "hi"

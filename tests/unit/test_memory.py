@@ -18,13 +18,23 @@ class RecordingLoader:
         self.loads.append(spec.name)
         weight = self.measured.get(spec.name, spec.weight_gb)
         return LoadedModel(
-            model=f"model:{spec.name}", weight_gb=weight, unload=lambda: self.unloads.append(spec.name)
+            model=f"model:{spec.name}",
+            weight_gb=weight,
+            unload=lambda: self.unloads.append(spec.name),
         )
 
 
 def spec(name, weight, *, headroom=0.0, priority=0, ttl=None):
-    return ModelSpec(name=name, family="f", domain="d", repo=f"r/{name}", weight_gb=weight,
-                     peak_headroom_gb=headroom, priority=priority, ttl_s=ttl)
+    return ModelSpec(
+        name=name,
+        family="f",
+        domain="d",
+        repo=f"r/{name}",
+        weight_gb=weight,
+        peak_headroom_gb=headroom,
+        priority=priority,
+        ttl_s=ttl,
+    )
 
 
 @pytest.fixture
@@ -154,14 +164,23 @@ def test_snapshot_reports_idle_and_expiry(loader, clock):
     assert snap["budget_gb"] == 10.0 and snap["resident_gb"] == 1.5
     [entry] = snap["loaded"]
     assert entry == {
-        "name": "a", "family": "f", "domain": "d", "repo": "r/a", "weight_gb": 1.5,
-        "priority": 2, "idle_s": 30.0, "ttl_s": 100.0, "expires_in_s": 70.0,
+        "name": "a",
+        "family": "f",
+        "domain": "d",
+        "repo": "r/a",
+        "weight_gb": 1.5,
+        "priority": 2,
+        "idle_s": 30.0,
+        "ttl_s": 100.0,
+        "expires_in_s": 70.0,
     }
 
 
 def test_spec_without_loader_is_not_set_up(clock):
     mm = MemoryManager(10, default_ttl_s=10, clock=clock)  # production loader
-    s = ModelSpec(name="x", family="f", domain="d", repo="r/x", set_up_hint="run kiapi models pull x")
+    s = ModelSpec(
+        name="x", family="f", domain="d", repo="r/x", set_up_hint="run kiapi models pull x"
+    )
     with pytest.raises(ModelNotSetUp) as err:
         mm.acquire(s)
     assert err.value.status == 503 and err.value.hint == "run kiapi models pull x"

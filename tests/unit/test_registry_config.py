@@ -10,7 +10,10 @@ def test_resolve_by_name_alias_repo_and_default():
     reg = default_registry()
     assert reg.resolve("embedding", None).name == "qwen3-embedding-8b"
     assert reg.resolve("embedding", "VL").name == "qwen3-vl-embedding-2b"
-    assert reg.resolve("embedding", "mlx-community/Qwen3-Embedding-8B-mxfp8").name == "qwen3-embedding-8b"
+    assert (
+        reg.resolve("embedding", "mlx-community/Qwen3-Embedding-8B-mxfp8").name
+        == "qwen3-embedding-8b"
+    )
     assert reg.resolve("embedding", "minilm").name == "all-minilm-l6-v2"
 
 

@@ -36,7 +36,9 @@ def test_contract_copies_are_byte_identical(name):
 
 def is_subset(small, big) -> bool:
     if isinstance(small, dict):
-        return isinstance(big, dict) and all(k in big and is_subset(v, big[k]) for k, v in small.items())
+        return isinstance(big, dict) and all(
+            k in big and is_subset(v, big[k]) for k, v in small.items()
+        )
     return small == big
 
 
@@ -72,8 +74,12 @@ def test_every_documented_status_is_added_for_what_the_server_returns():
 
 
 def convert_schema(schema: dict) -> dict:
-    spec = {"openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "paths": {},
-            "components": {"schemas": {"S": schema}}}
+    spec = {
+        "openapi": "3.1.0",
+        "info": {"title": "t", "version": "1"},
+        "paths": {},
+        "components": {"schemas": {"S": schema}},
+    }
     return to_openapi_30(spec)["components"]["schemas"]["S"]
 
 
@@ -86,13 +92,19 @@ def test_version_and_input_untouched():
 
 
 def test_examples_list_becomes_example():
-    assert convert_schema({"type": "string", "examples": ["a", "b"]}) == {"type": "string", "example": "a"}
+    assert convert_schema({"type": "string", "examples": ["a", "b"]}) == {
+        "type": "string",
+        "example": "a",
+    }
     assert convert_schema({"type": "string", "examples": []}) == {"type": "string"}
 
 
 def test_anyof_null_becomes_nullable():
     assert convert_schema({"anyOf": [{"type": "number"}, {"type": "null"}], "title": "T"}) == {
-        "type": "number", "nullable": True, "title": "T"}
+        "type": "number",
+        "nullable": True,
+        "title": "T",
+    }
     ref = convert_schema({"anyOf": [{"$ref": "#/components/schemas/X"}, {"type": "null"}]})
     assert ref == {"nullable": True, "allOf": [{"$ref": "#/components/schemas/X"}]}
     multi = convert_schema({"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]})
@@ -102,25 +114,46 @@ def test_anyof_null_becomes_nullable():
 
 def test_numeric_exclusive_bounds():
     assert convert_schema({"type": "number", "exclusiveMinimum": 0.0, "exclusiveMaximum": 5}) == {
-        "type": "number", "minimum": 0.0, "exclusiveMinimum": True, "maximum": 5, "exclusiveMaximum": True}
+        "type": "number",
+        "minimum": 0.0,
+        "exclusiveMinimum": True,
+        "maximum": 5,
+        "exclusiveMaximum": True,
+    }
 
 
 def test_content_media_type_becomes_binary():
     assert convert_schema({"type": "string", "contentMediaType": "application/octet-stream"}) == {
-        "type": "string", "format": "binary"}
+        "type": "string",
+        "format": "binary",
+    }
 
 
 def test_const_and_ref_siblings():
     assert convert_schema({"const": "list"}) == {"enum": ["list"]}
-    assert convert_schema({"$ref": "#/components/schemas/X", "description": "d", "examples": ["e"]}) == {
-        "allOf": [{"$ref": "#/components/schemas/X"}], "description": "d", "example": "e"}
+    assert convert_schema(
+        {"$ref": "#/components/schemas/X", "description": "d", "examples": ["e"]}
+    ) == {"allOf": [{"$ref": "#/components/schemas/X"}], "description": "d", "example": "e"}
 
 
 def test_nested_schemas_are_converted():
-    out = convert_schema({"type": "object", "properties": {
-        "p": {"anyOf": [{"type": "number", "minimum": 0.0, "maximum": 1.0}, {"type": "null"}]},
-        "items": {"type": "array", "items": {"type": "string", "examples": ["x"]}}}})
-    assert out["properties"]["p"] == {"type": "number", "minimum": 0.0, "maximum": 1.0, "nullable": True}
+    out = convert_schema(
+        {
+            "type": "object",
+            "properties": {
+                "p": {
+                    "anyOf": [{"type": "number", "minimum": 0.0, "maximum": 1.0}, {"type": "null"}]
+                },
+                "items": {"type": "array", "items": {"type": "string", "examples": ["x"]}},
+            },
+        }
+    )
+    assert out["properties"]["p"] == {
+        "type": "number",
+        "minimum": 0.0,
+        "maximum": 1.0,
+        "nullable": True,
+    }
     assert out["properties"]["items"]["items"] == {"type": "string", "example": "x"}
 
 
