@@ -16,15 +16,18 @@ class KiapiError(Exception):
 
     status: ClassVar[int]
 
-    def __init__(self, detail: str, *, hint: str | None = None) -> None:
+    def __init__(self, detail: str, *, hint: str | None = None, job_id: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
         self.hint = hint
+        self.job_id = job_id  # the job concerned, when there is one
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"detail": self.detail}
         if self.hint:
             body["hint"] = self.hint
+        if self.job_id:
+            body["job_id"] = self.job_id
         return body
 
     def headers(self) -> dict[str, str]:
@@ -49,11 +52,7 @@ class JobCanceled(KiapiError):
     status = 409
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id} was canceled before it ran")
-        self.job_id = job_id
-
-    def body(self) -> dict[str, Any]:
-        return {**super().body(), "job_id": self.job_id}
+        super().__init__(f"job {job_id} was canceled before it ran", job_id=job_id)
 
 
 class PayloadTooLarge(KiapiError):
@@ -113,8 +112,5 @@ class SyncTimeout(KiapiError):
         super().__init__(
             f"job {job_id} did not finish within {waited_s:g} s; it keeps running",
             hint=f"poll GET /v1/jobs/{job_id} for its status and result",
+            job_id=job_id,
         )
-        self.job_id = job_id
-
-    def body(self) -> dict[str, Any]:
-        return {**super().body(), "job_id": self.job_id}
