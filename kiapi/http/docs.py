@@ -83,8 +83,10 @@ def _spec_view(source: SpecSource):
 
 
 def _page_view(template: str, source: SpecSource):
+    page = _page(template, source)  # rendered once, when the routes are built
+
     async def view(_request: Request) -> Response:
-        return _page(template, source)
+        return page
 
     return view
 

@@ -61,10 +61,6 @@ class PayloadTooLarge(KiapiError):
     status = 413
 
 
-class UnsupportedMediaType(KiapiError):
-    status = 415
-
-
 class RequestInvalid(KiapiError):
     """Schema violations, reported FastAPI-style: ``{"detail": [{loc, msg, type}, ...]}``."""
 

@@ -114,10 +114,6 @@ class StagedFile:
         self._sha256 = hashlib.sha256()
         self.size = 0
 
-    @property
-    def open(self) -> bool:
-        return self._fh is not None
-
     def write(self, chunk: bytes) -> None:
         if self._fh is None:
             raise RuntimeError("staged file is closed")

@@ -141,10 +141,6 @@ class JobStore:
             raise NotFound(f"no job with id {job_id!r} (jobs are kept in memory only)")
         return job
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._jobs)
-
     # -- worker side ----------------------------------------------------------------------
     def mark_running(self, job: Job) -> bool:
         """Queued -> running. False if the job was canceled meanwhile (then do not run it)."""

@@ -186,10 +186,6 @@ class MemoryManager:
             resident.loaded.unload()
 
     # -- any thread -----------------------------------------------------------------------
-    def is_resident(self, name: str) -> bool:
-        with self._lock:
-            return name in self._residents
-
     def snapshot(self) -> dict[str, Any]:
         """The ``MemoryStats`` shape served by ``/health``."""
         now = self._clock()
