@@ -6,12 +6,14 @@ nothing reads the environment at import time.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Annotated, Any
 
 import platformdirs
-from pydantic import Field, PositiveFloat, PositiveInt
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def physical_memory_gb() -> float:
@@ -58,6 +60,61 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
+    # -- models -------------------------------------------------------------------------------
+    model_paths: dict[str, Path] = Field(
+        default_factory=dict,
+        description='Explicit model folders, JSON: {"qwen3-embedding-8b": "/models/q8b"} '
+        "(keys: name, alias or repo).",
+    )
+    embedding_default_model: str | None = Field(
+        None, description="Default embedding model (default: the contract's qwen3-embedding-8b)."
+    )
+    warmup: str | None = Field(
+        None,
+        description="Models loaded at start-up, comma-separated; 'none' for none "
+        "(default: the effective default embedding model).",
+    )
+    blas: str = Field(
+        "auto",
+        description="Linux: BLAS for MLX; 'auto' finds OpenBLAS, 'none' keeps MLX's reference "
+        "BLAS, or a library path.",
+    )
+
+    # -- inputs -------------------------------------------------------------------------------
+    local_input_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders image inputs may be read from by local path, ':'-separated "
+        "(default: none, local paths refused).",
+    )
+    max_image_mb: PositiveFloat = Field(20, description="Largest image input, in MB.")
+    max_image_pixels: PositiveInt = Field(
+        36_000_000, description="Largest decoded image, in pixels (width x height)."
+    )
+    image_fetch_timeout_s: PositiveFloat = Field(
+        10, description="Time limit for fetching an http(s) image input."
+    )
+
+    @field_validator("local_input_roots", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in text.split(os.pathsep) if part.strip()]
+        return value
+
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 1024 * 1024)
+
+    def warmup_names(self) -> list[str] | None:
+        """Names to warm up, or None for the default (the effective default model)."""
+        if self.warmup is None:
+            return None
+        names = [n.strip() for n in self.warmup.split(",") if n.strip()]
+        return [] if [n.lower() for n in names] in ([], ["none"]) else names

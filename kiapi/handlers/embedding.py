@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import time
+
+from starlette.concurrency import run_in_threadpool
+
 from kiapi.handlers import runtime
 from kiapi.runtime.catalog import EMBEDDING
-from kiapi.runtime.embedding import parse_request, run_embedding
-from kiapi.runtime.memory import require_set_up
+from kiapi.runtime.embedding import EmbeddingItem, load_item, parse_request, run_embedding
 
 
 async def embedding_v1_embedding_post(body: dict):
+    received = time.perf_counter()
     rt = runtime()
-    spec, item = parse_request(rt.registry, body)
-    require_set_up(spec)  # answer 503 at once instead of queueing a job that cannot run
-    params = {"model": spec.name, "text": item.text, "image": item.image}
-    output = await rt.run_sync(EMBEDDING, params, lambda: run_embedding(rt.memory, spec, item))
+    request = parse_request(rt.registry, body)
+    request.spec.require_set_up()  # answer 503 at once instead of queueing a job that cannot run
+    item = EmbeddingItem(text=request.text)
+    if request.image is not None:  # fetching and decoding an image is blocking I/O
+        item = await run_in_threadpool(load_item, request, rt.images)
+    output = await rt.run_sync(
+        EMBEDDING, request.params(), lambda: run_embedding(rt.memory, request.spec, item, received)
+    )
     return output.result
 
 

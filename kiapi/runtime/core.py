@@ -15,9 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 from kiapi.config import Settings
-from kiapi.runtime.catalog import default_registry
+from kiapi.runtime import blas
+from kiapi.runtime.catalog import EMBEDDING, default_registry
 from kiapi.runtime.errors import SyncTimeout
 from kiapi.runtime.files import FileStore
+from kiapi.runtime.images import ImageLoader, ImagePolicy
 from kiapi.runtime.jobs import RUNNING, Job, JobStore
 from kiapi.runtime.memory import MemoryManager, load_with_spec_loader
 from kiapi.runtime.registry import LoadedModel, ModelSpec, Registry
@@ -37,7 +39,10 @@ class Runtime:
         warmup: list[ModelSpec] | None = None,
     ) -> None:
         self.settings = settings
-        self.registry = registry or default_registry()
+        self.registry = registry or default_registry(settings.model_paths)
+        self._default_note = self.registry.choose_default(
+            EMBEDDING, settings.embedding_default_model
+        )
         self.jobs = JobStore(max_finished=settings.max_finished_jobs)
         self.memory = MemoryManager(
             settings.memory_limit_gb,
@@ -52,11 +57,40 @@ class Runtime:
             on_idle=self.memory.sweep,
         )
         self.files = FileStore(settings.files_root, max_upload_bytes=settings.max_upload_bytes)
-        self._warmup = list(warmup or [])
+        self.images = ImageLoader(
+            ImagePolicy(
+                local_roots=tuple(settings.local_input_roots),
+                max_bytes=settings.max_image_bytes,
+                max_pixels=settings.max_image_pixels,
+                fetch_timeout_s=settings.image_fetch_timeout_s,
+            ),
+            self.files,
+        )
+        self._warmup = list(warmup) if warmup is not None else self._warmup_from_settings()
         self._warm = threading.Event()
+
+    def _warmup_from_settings(self) -> list[ModelSpec]:
+        """``KIAPI_WARMUP`` names, or the effective default embedding model if it is set up."""
+        names = self.settings.warmup_names()
+        if names is None:
+            default = self.registry.default(EMBEDDING)
+            return [default] if default is not None and default.is_set_up() else []
+        specs = []
+        for name in names:
+            spec = self.registry.find(name)
+            if spec is None:
+                raise ValueError(f"KIAPI_WARMUP names unknown model {name!r}")
+            specs.append(spec)
+        return specs
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        blas.activate(self.settings.blas)
+        if self._default_note:
+            log.warning(self._default_note)
+        default = self.registry.default(EMBEDDING)
+        if default is not None:
+            log.info("default embedding model: %s", default.name)
         self.files.open()
         self.worker.start()
         if not self._warmup:

@@ -1,15 +1,17 @@
-"""The embedding capability, HTTP-free: request checks, the job body, the response record.
+"""The embedding capability, HTTP-free: request checks, input loading, the job body.
 
 A loaded embedding model (what the catalog entry's loader returns as ``LoadedModel.model``)
-must provide ``embed(item: EmbeddingItem) -> EmbeddingVector``; only the worker thread calls it.
+provides ``embed(items) -> vectors``, one vector per item, in order; only the worker thread
+calls it.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kiapi.runtime.catalog import EMBEDDING
 from kiapi.runtime.errors import BadRequest
@@ -17,13 +19,33 @@ from kiapi.runtime.memory import MemoryManager
 from kiapi.runtime.registry import ModelSpec, Registry
 from kiapi.runtime.worker import JobOutput
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from kiapi.runtime.images import ImageLoader
+
 MODALITIES = ("text", "image")
 
 
 @dataclass(frozen=True)
-class EmbeddingItem:
+class EmbeddingRequest:
+    """A checked request: the resolved model and the inputs as the client sent them."""
+
+    spec: ModelSpec
     text: str | None = None
-    image: str | None = None  # as the client sent it; decoding belongs to the model's engine
+    image: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        """What the job record keeps (the job store redacts inline image data)."""
+        return {"model": self.spec.name, "text": self.text, "image": self.image}
+
+
+@dataclass(frozen=True)
+class EmbeddingItem:
+    """One item ready for a model: text and/or a decoded RGB image."""
+
+    text: str | None = None
+    image: Image | None = None
 
 
 @dataclass(frozen=True)
@@ -33,11 +55,15 @@ class EmbeddingVector:
 
 
 class EmbeddingModel(Protocol):
-    def embed(self, item: EmbeddingItem) -> EmbeddingVector: ...
+    def embed(self, items: Sequence[EmbeddingItem]) -> list[EmbeddingVector]: ...
 
 
-def parse_request(registry: Registry, body: dict[str, Any]) -> tuple[ModelSpec, EmbeddingItem]:
-    """Resolve the model and check the inputs; raises BadRequest (400) with the reason."""
+def parse_request(registry: Registry, body: dict[str, Any]) -> EmbeddingRequest:
+    """Resolve the model and check the inputs; raises BadRequest (400) with the reason.
+
+    Fields other than ``model``, ``text`` and ``image`` are accepted and ignored (the contract's
+    schema allows them).
+    """
     spec = registry.resolve(EMBEDDING, body.get("model"))
     given = {m: body.get(m) for m in MODALITIES if body.get(m) not in (None, "")}
     if not given:
@@ -52,7 +78,13 @@ def parse_request(registry: Registry, body: dict[str, Any]) -> tuple[ModelSpec, 
             f"(it accepts: {', '.join(spec.features)}); "
             "choose a multimodal model from GET /v1/embedding/models"
         )
-    return spec, EmbeddingItem(**given)
+    return EmbeddingRequest(spec, **given)
+
+
+def load_item(request: EmbeddingRequest, images: ImageLoader) -> EmbeddingItem:
+    """Fetch and decode the inputs (blocking I/O: call it off the event loop)."""
+    image = images.load(request.image) if request.image is not None else None
+    return EmbeddingItem(text=request.text, image=image)
 
 
 def l2_normalize(vector: list[float]) -> list[float]:
@@ -60,18 +92,29 @@ def l2_normalize(vector: list[float]) -> list[float]:
     return [x / norm for x in vector] if norm > 0 else list(vector)
 
 
-def run_embedding(memory: MemoryManager, spec: ModelSpec, item: EmbeddingItem) -> JobOutput:
-    """The job body (worker thread): acquire the model, embed, and build the response record."""
+def run_embedding(
+    memory: MemoryManager, spec: ModelSpec, item: EmbeddingItem, received: float
+) -> JobOutput:
+    """The job body (worker thread): acquire the model, embed, and build the response record.
+
+    ``received`` is the ``time.perf_counter()`` reading taken when the request arrived, so
+    ``timings.total_s`` is the whole server-side time (queue wait, loading, embedding).
+    """
     started = time.perf_counter()
     with memory.use(spec) as model:
-        out = model.embed(item)
+        (out,) = model.embed([item])
     vector = l2_normalize(out.vector)
+    finished = time.perf_counter()
     return JobOutput(
         result={
             "model": spec.name,
             "embedding": vector,
             "dimension": len(vector),
             "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
-            "timings": {"total_s": time.perf_counter() - started},
+            "timings": {
+                "total_s": finished - received,
+                "queue_s": started - received,
+                "embed_s": finished - started,
+            },
         }
     )

@@ -27,24 +27,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from kiapi.runtime.errors import BudgetExceeded, ModelNotSetUp
+from kiapi.runtime.errors import BudgetExceeded
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 
 log = logging.getLogger(__name__)
 
 
-def require_set_up(spec: ModelSpec) -> None:
-    """Raise :class:`ModelNotSetUp` (503, with the catalog's set-up hint) if it cannot load."""
-    if spec.loader is None:
-        raise ModelNotSetUp(
-            f"model {spec.name!r} is not set up on this server",
-            hint=spec.set_up_hint or f"make the weights of {spec.repo} available locally",
-        )
-
-
 def load_with_spec_loader(spec: ModelSpec) -> LoadedModel:
-    """The production loader: the catalog entry's own loader, or 503 if it has none."""
-    require_set_up(spec)
+    """The production loader: the catalog entry's own loader, or 503 if it is not set up."""
+    spec.require_set_up()
     return spec.loader(spec)
 
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiapi.runtime.errors import BadRequest
+from kiapi.runtime.errors import BadRequest, ModelNotSetUp
+from kiapi.runtime.weights import WeightSource, locate
 
 
 @dataclass
@@ -44,11 +45,30 @@ class ModelSpec:
     priority: int = 0  # lower is evicted first
     ttl_s: float | None = None  # None: the server default; <= 0: pinned (never expires)
     loader: Loader | None = field(default=None, compare=False, repr=False)
-    set_up_hint: str | None = None  # how to make the weights available, when they are not
+    set_up_hint: str | None = None  # how to make the model available, when it has no loader
+    source: WeightSource | None = None  # where its weights are found (None: the loader knows)
+    pooling: str | None = None  # embedding models: "mean" or "last" (token)
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases, self.repo)
+
+    def require_set_up(self) -> None:
+        """Raise :class:`ModelNotSetUp` (503, with how to fix it) unless the model can load."""
+        if self.loader is None:
+            raise ModelNotSetUp(
+                f"model {self.name!r} is not set up on this server",
+                hint=self.set_up_hint or f"make the weights of {self.repo} available locally",
+            )
+        if self.source is not None:
+            locate(self.name, self.source)
+
+    def is_set_up(self) -> bool:
+        try:
+            self.require_set_up()
+        except ModelNotSetUp:
+            return False
+        return True
 
     def public(self, *, is_default: bool) -> dict[str, Any]:
         """The ``CapabilityModelSpec`` shape served by ``GET /v1/<family>/models``."""
@@ -63,8 +83,11 @@ class ModelSpec:
 
 
 class Registry:
+    """The catalog, plus each family's effective default (see :meth:`choose_default`)."""
+
     def __init__(self, specs: list[ModelSpec] | None = None) -> None:
         self._specs: list[ModelSpec] = []
+        self._defaults: dict[str, ModelSpec] = {}
         for spec in specs or []:
             self.register(spec)
 
@@ -80,8 +103,41 @@ class Registry:
         return [s for s in self._specs if s.family == family]
 
     def default(self, family: str) -> ModelSpec | None:
+        """The effective default if one was chosen, else the catalog's default entry."""
+        if family in self._defaults:
+            return self._defaults[family]
         models = self.models(family)
         return next((s for s in models if s.default), models[0] if models else None)
+
+    def choose_default(self, family: str, preferred: str | None = None) -> str | None:
+        """Fix the family's effective default for this process; returns a note if it moved.
+
+        ``preferred`` (a name, alias or repo; else the catalog's default entry) is used when it
+        is set up; otherwise the first set-up model in catalog order serves instead. If none is
+        set up the preferred one stays default (requests then answer 503 with its set-up hint).
+        Raises ValueError for an unknown ``preferred``.
+        """
+        try:
+            wanted = self.resolve(family, preferred) if preferred else self.default(family)
+        except BadRequest as exc:
+            raise ValueError(f"KIAPI_{family.upper()}_DEFAULT_MODEL: {exc.detail}") from None
+        if wanted is None:
+            return None
+        chosen = wanted
+        if not wanted.is_set_up():
+            chosen = next((s for s in self.models(family) if s.is_set_up()), wanted)
+        self._defaults[family] = chosen
+        if chosen is wanted:
+            return None
+        return (
+            f"default {family} model {wanted.name!r} is not set up; {chosen.name!r} serves as the "
+            f"default instead (set up {wanted.name!r} or set KIAPI_{family.upper()}_DEFAULT_MODEL)"
+        )
+
+    def find(self, name: str) -> ModelSpec | None:
+        """A model of any family by name, alias or repo (case-insensitive)."""
+        wanted = name.strip().lower()
+        return next((s for s in self._specs if wanted in (n.lower() for n in s.names)), None)
 
     def resolve(self, family: str, name: str | None) -> ModelSpec:
         """Find a model by name, alias or repo (case-insensitive); ``None`` means the default."""
@@ -100,7 +156,7 @@ class Registry:
         )
         raise BadRequest(f"unknown {family} model {name!r}; valid choices: {choices}")
 
-    def capability_models(self, family: str, default_name: str | None = None) -> list[dict]:
-        """Public catalog entries; ``default_name`` overrides which entry is marked default."""
-        effective = default_name or (d.name if (d := self.default(family)) else None)
-        return [s.public(is_default=s.name == effective) for s in self.models(family)]
+    def capability_models(self, family: str) -> list[dict]:
+        """Public catalog entries, the effective default marked ``default: true``."""
+        effective = self.default(family)
+        return [s.public(is_default=s is effective) for s in self.models(family)]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from kiapi.config import Settings, physical_memory_gb
@@ -31,10 +33,43 @@ def test_duplicate_names_are_refused():
         reg.register(ModelSpec(name="b", family="f", domain="d", repo="r/b", aliases=("x",)))
 
 
-def test_capability_models_shape_and_default_override():
-    entries = default_registry().capability_models("embedding", default_name="all-minilm-l6-v2")
+def test_capability_models_shape_and_effective_default():
+    reg = default_registry()
+    assert [e["default"] for e in reg.capability_models("embedding")] == [True, False, False]
+    reg.choose_default("embedding", "minilm")
+    entries = reg.capability_models("embedding")
     assert [e["default"] for e in entries] == [False, False, True]
     assert set(entries[0]) == {"name", "family", "domain", "aliases", "default", "features"}
+
+
+def spec(name, *, set_up, default=False):
+    loader = (lambda s: None) if set_up else None
+    return ModelSpec(
+        name=name, family="f", domain="f", repo=f"r/{name}", default=default, loader=loader
+    )
+
+
+def test_default_falls_back_to_the_first_set_up_model_in_catalog_order():
+    reg = Registry(
+        [
+            spec("a", set_up=False),
+            spec("b", set_up=False, default=True),
+            spec("c", set_up=True),
+            spec("d", set_up=True),
+        ]
+    )
+    note = reg.choose_default("f")
+    assert reg.default("f").name == "c" and reg.resolve("f", None).name == "c"
+    assert "'b' is not set up" in note and "'c'" in note and "KIAPI_F_DEFAULT_MODEL" in note
+
+
+def test_default_override_and_nothing_set_up():
+    reg = Registry([spec("a", set_up=True, default=True), spec("b", set_up=True)])
+    assert reg.choose_default("f", "r/b") is None and reg.default("f").name == "b"
+    nothing = Registry([spec("a", set_up=False, default=True), spec("b", set_up=False)])
+    assert nothing.choose_default("f") is None and nothing.default("f").name == "a"
+    with pytest.raises(ValueError, match="KIAPI_F_DEFAULT_MODEL.*unknown f model 'zzz'"):
+        reg.choose_default("f", "zzz")
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
@@ -44,6 +79,23 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     s = Settings(_env_file=None)
     assert s.max_queue == 7 and s.files_root == tmp_path and s.max_upload_bytes == 2 * 1024 * 1024
     assert 0 < s.memory_limit_gb <= physical_memory_gb()
+
+
+def test_settings_for_models_and_inputs(monkeypatch, tmp_path):
+    monkeypatch.setenv("KIAPI_MODEL_PATHS", '{"minilm": "/models/minilm"}')
+    monkeypatch.setenv("KIAPI_LOCAL_INPUT_ROOTS", f"{tmp_path}/a:{tmp_path}/b")
+    monkeypatch.setenv("KIAPI_EMBEDDING_DEFAULT_MODEL", "minilm")
+    monkeypatch.setenv("KIAPI_WARMUP", " minilm , vl ")
+    s = Settings(_env_file=None)
+    assert s.model_paths == {"minilm": Path("/models/minilm")}
+    assert s.local_input_roots == [tmp_path / "a", tmp_path / "b"]
+    assert s.embedding_default_model == "minilm" and s.warmup_names() == ["minilm", "vl"]
+    monkeypatch.setenv("KIAPI_LOCAL_INPUT_ROOTS", f'["{tmp_path}/c"]')
+    monkeypatch.setenv("KIAPI_WARMUP", "none")
+    s = Settings(_env_file=None)
+    assert s.local_input_roots == [tmp_path / "c"] and s.warmup_names() == []
+    monkeypatch.delenv("KIAPI_WARMUP")
+    assert Settings(_env_file=None).warmup_names() is None  # the effective default
 
 
 def test_settings_reject_nonsense(monkeypatch):

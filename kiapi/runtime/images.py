@@ -1,0 +1,204 @@
+"""Image inputs: from what a client sends to a decoded RGB image.
+
+An ``image`` field may be, checked in this order:
+
+1. a data URL (``data:image/png;base64,...``);
+2. an ``http://`` or ``https://`` URL, fetched with a byte cap and a timeout;
+3. a Files API id (``file_...``), read from the file store;
+4. base64 (standard or URL-safe alphabet, padding optional);
+5. an absolute local path, accepted only under ``KIAPI_LOCAL_INPUT_ROOTS`` (none by default).
+
+A string that is both valid base64 and an absolute path (``/9j/...`` is a JPEG's base64) is
+base64 when it decodes to a recognisable image, a path otherwise. Every failure is a
+:class:`BadRequest` (400) that says what was wrong. Reading is blocking I/O: callers run it off
+the event loop. Decoding checks the pixel count from the header before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote_to_bytes
+
+from PIL import Image, UnidentifiedImageError
+
+from kiapi.runtime.errors import BadRequest, NotFound
+from kiapi.runtime.files import FILE_ID_RE, FileStore
+
+_BASE64_RE = re.compile(r"^[A-Za-z0-9+/_-]+={0,2}$")
+_WHITESPACE = re.compile(r"\s+")
+MAX_REDIRECTS = 5
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    local_roots: tuple[Path, ...] = ()
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 36_000_000
+    fetch_timeout_s: float = 10.0
+
+
+class ImageLoader:
+    """Turns ``image`` field values into RGB images under one :class:`ImagePolicy`."""
+
+    def __init__(self, policy: ImagePolicy, files: FileStore) -> None:
+        self.policy = policy
+        self.files = files
+
+    def load(self, value: str) -> Image.Image:
+        return decode_image(self.read_bytes(value), self.policy.max_pixels)
+
+    def read_bytes(self, value: str) -> bytes:
+        value = value.strip()
+        if value[:5].lower() == "data:":
+            return self._cap(data_url_bytes(value), "data URL")
+        if re.match(r"^https?://", value, re.IGNORECASE):
+            return self._fetch(value)
+        if FILE_ID_RE.match(value):
+            return self._file(value)
+        decoded = base64_bytes(value)
+        if decoded is not None and (not value.startswith("/") or looks_like_image(decoded)):
+            return self._cap(decoded, "base64 image")
+        if value.startswith(("/", "~")):
+            return self._local(value)
+        raise BadRequest(
+            "image must be base64, a data URL, an http(s) URL, a file id from POST /v1/files, "
+            "or an absolute local path"
+        )
+
+    def _cap(self, data: bytes, what: str) -> bytes:
+        if len(data) > self.policy.max_bytes:
+            raise BadRequest(
+                f"{what} is {len(data)} bytes, over the {self.policy.max_bytes}-byte image limit"
+            )
+        return data
+
+    def _fetch(self, url: str) -> bytes:
+        import httpx
+
+        limit = self.policy.max_bytes
+        try:
+            with (
+                httpx.Client(
+                    follow_redirects=True,
+                    max_redirects=MAX_REDIRECTS,
+                    timeout=self.policy.fetch_timeout_s,
+                ) as client,
+                client.stream("GET", url) as response,
+            ):
+                if response.status_code != 200:
+                    raise BadRequest(f"fetching the image URL gave HTTP {response.status_code}")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise BadRequest(f"the image URL serves {declared} bytes, over {limit}")
+                chunks, size = [], 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise BadRequest(f"the image URL serves more than {limit} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.HTTPError as exc:
+            raise BadRequest(f"could not fetch the image URL: {exc}") from None
+
+    def _file(self, file_id: str) -> bytes:
+        try:
+            self.files.get(file_id)
+            path = self.files.path(file_id)
+            return self._read_file(path, f"file {file_id}")
+        except (NotFound, FileNotFoundError):
+            raise BadRequest(f"image refers to {file_id}, which is not in the Files API") from None
+
+    def _local(self, value: str) -> bytes:
+        if not self.policy.local_roots:
+            raise BadRequest(
+                "local image paths are disabled: set KIAPI_LOCAL_INPUT_ROOTS to the folders "
+                "kiapi may read images from (separated by ':'), or send the image as base64, "
+                "a data URL, a URL or a file id"
+            )
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            raise BadRequest("local image paths must be absolute")
+        try:
+            resolved = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise BadRequest(f"no readable file at {value}") from None
+        roots = [root.resolve() for root in self.policy.local_roots]
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise BadRequest(
+                f"{value} is outside KIAPI_LOCAL_INPUT_ROOTS ({', '.join(map(str, roots))})"
+            )
+        return self._read_file(resolved, value)
+
+    def _read_file(self, path: Path, what: str) -> bytes:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            raise BadRequest(f"no readable file at {what}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BadRequest(f"{what} is not a regular file")
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(self.policy.max_bytes + 1)
+        return self._cap(data, what)
+
+
+def data_url_bytes(value: str) -> bytes:
+    header, comma, payload = value.partition(",")
+    if not comma:
+        raise BadRequest("malformed data URL: no ',' before the data")
+    if header.lower().endswith(";base64"):
+        decoded = base64_bytes(payload)
+        if decoded is None:
+            raise BadRequest("malformed data URL: the data is not valid base64")
+        return decoded
+    return unquote_to_bytes(payload)
+
+
+def base64_bytes(value: str) -> bytes | None:
+    """Decode standard or URL-safe base64 (whitespace and missing padding tolerated)."""
+    compact = _WHITESPACE.sub("", value)
+    if not compact or not _BASE64_RE.match(compact):
+        return None
+    compact = compact.replace("-", "+").replace("_", "/").rstrip("=")
+    if len(compact) % 4 == 1:
+        return None
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def looks_like_image(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode to RGB; refuses more than ``max_pixels`` before decoding any pixel."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > max_pixels:
+                raise BadRequest(
+                    f"image is {image.width}x{image.height} pixels, over the limit of "
+                    f"{max_pixels} pixels"
+                )
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise BadRequest(
+            "image could not be decoded: its bytes are not in an image format kiapi reads "
+            "(PNG, JPEG, WebP, GIF, BMP, TIFF, ...)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise BadRequest(f"image could not be decoded: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt image data
+        raise BadRequest(f"image could not be decoded, its data is corrupt: {exc}") from None

@@ -1,0 +1,78 @@
+"""MLX gets an optimized BLAS on Linux: proven by where the dynamic linker binds libmlx's
+``cblas_sgemm`` (``LD_DEBUG=bindings``), in fresh processes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from kiapi.runtime.blas import openblas_candidates
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+PROBE = """
+import json, sys
+{before}
+from kiapi.runtime import blas
+status = blas.activate(sys.argv[1])
+import mlx.core as mx
+a = mx.ones((64, 64))
+mx.eval(a @ a)
+print(json.dumps({{"name": status.name, "path": status.path, "optimized": status.optimized,
+                  "note": status.note}}))
+"""
+
+
+def probe(setting: str, before: str = "") -> tuple[dict, str]:
+    """Activate ``setting`` in a fresh process; returns the status and what libmlx's
+    ``cblas_sgemm`` was bound to."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(before=before), setting],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LD_DEBUG": "bindings"},
+        timeout=120,
+        check=True,
+    )
+    bound = re.findall(
+        r"binding file \S*libmlx\.so \[0\] to (\S+) \[0\]: normal symbol `cblas_sgemm'", done.stderr
+    )
+    assert len(bound) == 1, "libmlx's cblas_sgemm was not bound exactly once"
+    return json.loads(done.stdout.strip().splitlines()[-1]), bound[0]
+
+
+def test_auto_binds_mlx_to_openblas():
+    assert openblas_candidates(), (
+        "no OpenBLAS on this machine: install Debian's libopenblas0-pthread "
+        "(scripts/setup.sh does it when run as root)"
+    )
+    status, bound = probe("auto")
+    assert status["optimized"] and status["name"].startswith("OpenBLAS")
+    assert os.path.realpath(bound) == os.path.realpath(status["path"])
+
+
+def test_explicit_library_path_is_used():
+    path = openblas_candidates()[0]
+    status, bound = probe(path)
+    assert status["path"] == path and os.path.realpath(bound) == os.path.realpath(path)
+
+
+def test_none_keeps_the_bundled_blas_and_warns():
+    status, bound = probe("none")
+    assert not status["optimized"] and "openblas" not in bound.lower()
+
+
+def test_unloadable_library_falls_back_loudly():
+    status, bound = probe("/nonexistent/libblas.so")
+    assert not status["optimized"] and "KIAPI_BLAS=/nonexistent/libblas.so" in status["note"]
+    assert "apt-get install libopenblas0-pthread" in status["note"]
+    assert "openblas" not in bound.lower()
+
+
+def test_too_late_when_mlx_was_imported_first():
+    status, bound = probe("auto", before="import mlx.core")
+    assert not status["optimized"] and "imported before" in status["name"]
+    assert "openblas" not in bound.lower()

@@ -1,0 +1,156 @@
+"""Image inputs: every accepted spelling, and a clear 400 for everything else."""
+
+import base64
+import io
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from kiapi.runtime.errors import BadRequest
+from kiapi.runtime.files import FileStore
+from kiapi.runtime.images import ImageLoader, ImagePolicy, base64_bytes
+
+
+def png(size=(6, 4), color=(10, 200, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (250, 0, 0)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def files(tmp_path):
+    store = FileStore(tmp_path / "files", max_upload_bytes=10**6)
+    store.open()
+    return store
+
+
+def loader(files, **policy) -> ImageLoader:
+    return ImageLoader(ImagePolicy(**policy), files)
+
+
+def assert_bad(load, value, *fragments):
+    with pytest.raises(BadRequest) as err:
+        load(value)
+    assert err.value.status == 400
+    for fragment in fragments:
+        assert fragment in err.value.detail, err.value.detail
+
+
+def test_base64_spellings(files):
+    data = png()
+    std = base64.b64encode(data).decode()
+    url_safe = base64.urlsafe_b64encode(data).decode().rstrip("=")
+    wrapped = "\n".join(std[i : i + 20] for i in range(0, len(std), 20))
+    for value in (std, url_safe, wrapped, f"data:image/png;base64,{std}"):
+        image = loader(files).load(value)
+        assert image.size == (6, 4) and image.mode == "RGB"
+        assert image.getpixel((0, 0)) == (10, 200, 30)
+
+
+def test_jpeg_base64_starting_with_a_slash_is_not_a_path(files):
+    value = base64.b64encode(jpeg()).decode()
+    assert value.startswith("/9j/")
+    assert loader(files).load(value).size == (8, 8)
+
+
+def test_file_id_reads_the_files_api(files):
+    staged = files.stage()
+    staged.write(png((3, 3)))
+    record = staged.commit("a.png", "image/png", {})
+    assert loader(files).load(record.file_id).size == (3, 3)
+    assert_bad(loader(files).load, "file_0123456789abcdef", "file_0123456789abcdef", "Files API")
+
+
+def test_local_paths_are_refused_unless_under_a_root(files, tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    (root / "ok.png").write_bytes(png((5, 5)))
+    (outside / "secret.png").write_bytes(png())
+    os.symlink(outside / "secret.png", root / "link.png")
+    assert_bad(loader(files).load, str(root / "ok.png"), "KIAPI_LOCAL_INPUT_ROOTS")
+
+    allowed = loader(files, local_roots=(root,))
+    assert allowed.load(str(root / "ok.png")).size == (5, 5)
+    for escape in (
+        str(outside / "secret.png"),
+        str(root / ".." / "outside" / "secret.png"),
+        str(root / "link.png"),
+    ):
+        assert_bad(allowed.load, escape, "outside KIAPI_LOCAL_INPUT_ROOTS")
+    assert_bad(allowed.load, str(root / "missing.png"), "no readable file")
+    assert_bad(allowed.load, str(root), "not a regular file")
+
+
+def test_garbage_is_a_400_with_the_reason(files):
+    load = loader(files).load
+    assert_bad(load, "hello world", "could not be decoded", "PNG, JPEG")  # valid base64 though
+    assert_bad(load, "hello world!", "must be base64")
+    assert_bad(load, base64.b64encode(b"not an image at all").decode(), "could not be decoded")
+    assert_bad(load, "data:image/png;base64,@@@", "not valid base64")
+    assert_bad(load, "data:image/png;base64", "malformed data URL")
+    assert_bad(load, base64.b64encode(png()[:40]).decode(), "image")  # truncated PNG
+    assert_bad(load, "relative/path.png", "must be base64")
+
+
+def test_limits_on_bytes_and_pixels(files):
+    data = png((300, 200))
+    assert_bad(
+        loader(files, max_bytes=100).load, base64.b64encode(data).decode(), "over the 100-byte"
+    )
+    assert_bad(
+        loader(files, max_pixels=300 * 200 - 1).load,
+        base64.b64encode(data).decode(),
+        "300x200 pixels",
+    )
+
+
+class _Images(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = {"/cat.png": png((7, 7)), "/big.png": png((500, 500), (1, 2, 3))}.get(self.path)
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/cat.png")
+            self.end_headers()
+            return
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_http_urls_are_fetched_with_a_cap(files, image_server):
+    assert loader(files).load(f"{image_server}/cat.png").size == (7, 7)
+    assert loader(files).load(f"{image_server}/redirect").size == (7, 7)
+    assert_bad(loader(files).load, f"{image_server}/missing.png", "HTTP 404")
+    assert_bad(loader(files, max_bytes=200).load, f"{image_server}/big.png", "over 200")
+    assert_bad(loader(files).load, "http://127.0.0.1:9/x.png", "could not fetch")
+
+
+def test_base64_decoder_rejects_non_base64():
+    assert base64_bytes("aGVsbG8") == b"hello"
+    for value in ("", "a", "héllo", "abc$", "/etc/passwd."):
+        assert base64_bytes(value) is None
