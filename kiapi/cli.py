@@ -1,4 +1,4 @@
-"""``kiapi`` command line: ``serve`` and the ``handlers check|scaffold`` drift tool."""
+"""``kiapi`` command line: ``serve``, ``doctor`` and the ``handlers check|scaffold`` drift tool."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def _serve(args: argparse.Namespace) -> int:
     # surfacing at the first request.
     uvicorn.run(app, host=args.host, port=args.port, lifespan="on", log_level=settings.log_level)
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from kiapi.config import Settings
+    from kiapi.doctor import main as doctor
+
+    logging.basicConfig(level=logging.ERROR)  # the report says it all
+    return doctor(Settings())
 
 
 def _handlers_check(args: argparse.Namespace) -> int:
@@ -61,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=_serve)
+
+    doctor = sub.add_parser(
+        "doctor", help="check the platform, MLX, the BLAS, the files root and the models"
+    )
+    doctor.set_defaults(func=_doctor)
 
     handlers = sub.add_parser("handlers", help="compare handlers with the specs")
     hsub = handlers.add_subparsers(dest="action", required=True)

@@ -3,6 +3,6 @@
 # Extra arguments go to tox (e.g. -e unit, or -- -k files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test,lint
+scripts/setup.sh test,lint,vl
 .venv/bin/python -m pip install --quiet "tox>=4.11,<5"
 exec .venv/bin/tox "$@"

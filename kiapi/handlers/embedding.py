@@ -15,7 +15,7 @@ async def embedding_v1_embedding_post(body: dict):
     received = time.perf_counter()
     rt = runtime()
     request = parse_request(rt.registry, body)
-    request.spec.require_set_up()  # answer 503 at once instead of queueing a job that cannot run
+    rt.require_runnable(request.spec)
     item = EmbeddingItem(text=request.text)
     if request.image is not None:  # fetching and decoding an image is blocking I/O
         item = await run_in_threadpool(load_item, request, rt.images)

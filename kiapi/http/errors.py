@@ -6,6 +6,9 @@
   the shape the contract uses for every error.
 
 Anything else is a bug: Connexion's default handler logs it and answers 500.
+
+The handlers are coroutines: Connexion runs plain functions in a thread pool (a thread hop per
+error response).
 """
 
 from __future__ import annotations
@@ -40,16 +43,16 @@ def _headers(request: ConnexionRequest, status: int, headers: dict[str, str]) ->
     return headers
 
 
-def kiapi_error(_request: ConnexionRequest, exc: KiapiError) -> ConnexionResponse:
+async def kiapi_error(_request: ConnexionRequest, exc: KiapiError) -> ConnexionResponse:
     return json_error(exc.status, exc.body(), exc.headers())
 
 
-def problem_error(request: ConnexionRequest, exc: ProblemException) -> ConnexionResponse:
+async def problem_error(request: ConnexionRequest, exc: ProblemException) -> ConnexionResponse:
     headers = _headers(request, exc.status, dict(exc.headers or {}))
     return json_error(exc.status, {"detail": exc.detail or exc.title}, headers)
 
 
-def http_error(request: ConnexionRequest, exc: HTTPException) -> ConnexionResponse:
+async def http_error(request: ConnexionRequest, exc: HTTPException) -> ConnexionResponse:
     headers = _headers(request, exc.status_code, dict(exc.headers or {}))
     return json_error(exc.status_code, {"detail": exc.detail}, headers)
 

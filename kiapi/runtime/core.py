@@ -127,6 +127,12 @@ class Runtime:
         return self._warm.is_set()
 
     # -- jobs -----------------------------------------------------------------------------
+    def require_runnable(self, spec: ModelSpec) -> None:
+        """Answer 503 now rather than queue a job that cannot run. A resident model can run;
+        any other must be set up (its weights found), which costs file-system lookups."""
+        if not self.memory.is_resident(spec.name):
+            spec.require_set_up()
+
     def submit(self, job_type: str, params: dict[str, Any], body: JobBody) -> Job:
         job = self.jobs.create(job_type, params)
         self.worker.submit(job, body)
@@ -136,14 +142,16 @@ class Runtime:
         """Submit a job and wait for it up to ``sync_timeout_s``.
 
         On timeout raises :class:`SyncTimeout` naming the job, which keeps running. A caller
-        that goes away (cancellation) leaves the job running too: the wait is shielded.
+        that goes away (cancellation) leaves the job running too: ``asyncio.wait`` never
+        cancels what it waits for.
         """
         job = self.submit(job_type, params, body)
         timeout = self.settings.sync_timeout_s
-        try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
-        except TimeoutError:
-            raise SyncTimeout(job.id, timeout) from None
+        result = asyncio.wrap_future(job.future)
+        done, _ = await asyncio.wait((result,), timeout=timeout)
+        if not done:
+            raise SyncTimeout(job.id, timeout)
+        return result.result()
 
     def delete_job(self, job_id: str) -> dict[str, Any]:
         """Forget a job record; a queued job is canceled, a running one keeps running."""

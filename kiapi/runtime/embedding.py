@@ -7,11 +7,12 @@ calls it.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from kiapi.runtime.catalog import EMBEDDING
 from kiapi.runtime.errors import BadRequest
@@ -50,7 +51,13 @@ class EmbeddingItem:
 
 @dataclass(frozen=True)
 class EmbeddingVector:
-    vector: list[float]
+    """One item's vector (float32, as the model computes it) and the tokens it embedded.
+
+    Results keep vectors as float32 arrays: the response serialiser prints each value with the
+    shortest float32 representation (half the bytes of float64 reprs, no precision lost).
+    """
+
+    vector: np.ndarray | Sequence[float]
     prompt_tokens: int
 
 
@@ -87,9 +94,11 @@ def load_item(request: EmbeddingRequest, images: ImageLoader) -> EmbeddingItem:
     return EmbeddingItem(text=request.text, image=image)
 
 
-def l2_normalize(vector: list[float]) -> list[float]:
-    norm = math.sqrt(math.fsum(x * x for x in vector))
-    return [x / norm for x in vector] if norm > 0 else list(vector)
+def l2_normalize(vector: np.ndarray | Sequence[float]) -> np.ndarray:
+    """The vector as float32, scaled to unit L2 norm (a zero vector stays zero)."""
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / np.float32(norm) if norm > 0 else vector
 
 
 def run_embedding(

@@ -108,7 +108,7 @@ class MemoryManager:
         """Make ``spec`` resident and mark it in use; returns the loaded model object."""
         self.sweep()
         resident = self._residents.get(spec.name)
-        weight = resident.loaded.weight_gb if resident else spec.weight_gb
+        weight = resident.loaded.weight_gb if resident else spec.estimated_weight_gb()
         for victim in self._plan_room(spec, weight + spec.peak_headroom_gb):
             self._evict(victim.spec.name, "budget")
         if resident is None:
@@ -177,6 +177,10 @@ class MemoryManager:
             resident.loaded.unload()
 
     # -- any thread -----------------------------------------------------------------------
+    def is_resident(self, name: str) -> bool:
+        with self._lock:
+            return name in self._residents
+
     def snapshot(self) -> dict[str, Any]:
         """The ``MemoryStats`` shape served by ``/health``."""
         now = self._clock()

@@ -23,10 +23,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from kiapi.runtime import blas
 from kiapi.runtime.embedding import EmbeddingItem, EmbeddingVector
 from kiapi.runtime.registry import LoadedModel, ModelSpec
-from kiapi.runtime.weights import WEIGHT_GLOBS, locate, read_json
+from kiapi.runtime.weights import locate, read_json, weight_files
 
 MEAN, LAST = "mean", "last"
 GIB = 1024**3
@@ -58,13 +60,6 @@ def architecture(model_type: str) -> ModuleType:
         package.__path__ = list(found.submodule_search_locations)
         sys.modules["mlx_embeddings"] = package
     return importlib.import_module(f"mlx_embeddings.models.{model_type.replace('-', '_')}")
-
-
-def weight_files(folder: Path) -> list[Path]:
-    for pattern in WEIGHT_GLOBS:
-        if found := sorted(folder.glob(pattern)):
-            return found
-    raise FileNotFoundError(f"no *.safetensors weights in {folder}")
 
 
 def quantization_of(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -184,7 +179,7 @@ class TextEmbedder:
         vectors = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
         return [
             EmbeddingVector(vector=v, prompt_tokens=len(ids))
-            for v, ids in zip(vectors.tolist(), batch, strict=True)
+            for v, ids in zip(np.array(vectors), batch, strict=True)
         ]
 
     def unload(self) -> None:
@@ -226,7 +221,7 @@ class VisionLanguageEmbedder:
         tokens = inputs["attention_mask"].sum(axis=1).tolist()
         return [
             EmbeddingVector(vector=v, prompt_tokens=int(n))
-            for v, n in zip(vectors.tolist(), tokens, strict=True)
+            for v, n in zip(np.array(vectors), tokens, strict=True)
         ]
 
     def unload(self) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiapi.runtime.errors import BadRequest, ModelNotSetUp
-from kiapi.runtime.weights import WeightSource, locate
+from kiapi.runtime.weights import WeightSource, locate, weights_size_gb
 
 
 @dataclass
@@ -40,7 +40,7 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     features: tuple[str, ...] = ()
     default: bool = False
-    weight_gb: float = 0.0  # estimate used to plan eviction before the model is loaded
+    weight_gb: float = 0.0  # catalog estimate, for when the weight files cannot be measured
     peak_headroom_gb: float = 0.0  # extra memory a running job needs on top of the weights
     priority: int = 0  # lower is evicted first
     ttl_s: float | None = None  # None: the server default; <= 0: pinned (never expires)
@@ -62,6 +62,15 @@ class ModelSpec:
             )
         if self.source is not None:
             locate(self.name, self.source)
+
+    def estimated_weight_gb(self) -> float:
+        """Before loading: the size of the weight files found on disk, else the estimate."""
+        if self.source is not None:
+            try:
+                return weights_size_gb(locate(self.name, self.source))
+            except ModelNotSetUp:
+                pass
+        return self.weight_gb
 
     def is_set_up(self) -> bool:
         try:

@@ -38,9 +38,19 @@ class WeightSource:
 
 
 def has_weights(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(
-        any(folder.glob(pattern)) for pattern in WEIGHT_GLOBS
-    )
+    return (folder / "config.json").is_file() and bool(weight_files(folder))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's ``*.safetensors`` files (the first pattern that matches)."""
+    for pattern in WEIGHT_GLOBS:
+        if found := sorted(folder.glob(pattern)):
+            return found
+    return []
+
+
+def weights_size_gb(folder: Path) -> float:
+    return sum(path.stat().st_size for path in weight_files(folder)) / 1024**3
 
 
 def hf_cache_folder(repo: str) -> Path | None:

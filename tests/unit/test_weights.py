@@ -93,3 +93,11 @@ def test_model_paths_setting_resolves_aliases_and_refuses_unknown_names(tiny_qwe
     assert spec.source.path == tiny_qwen3 and spec.is_set_up()
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         default_registry({"nope": tiny_qwen3})
+
+
+def test_the_budget_estimate_is_the_weight_files_size_once_they_are_found(tiny_qwen3):
+    spec = default_registry({"qwen3-embedding-8b": tiny_qwen3}).resolve("embedding", "text")
+    size = (tiny_qwen3 / "model.safetensors").stat().st_size
+    assert spec.estimated_weight_gb() == pytest.approx(size / 1024**3)
+    unset = default_registry().resolve("embedding", "text")
+    assert unset.estimated_weight_gb() == unset.weight_gb == 8.6  # the catalog's estimate

@@ -1,0 +1,102 @@
+"""``kiapi doctor``: what this machine gives kiapi, and what to fix.
+
+Each check is a :class:`Check` (ok or not, with a detail line); the command prints them as a
+table and exits 1 if any check failed. It uses the same settings, BLAS loading and model
+registry as the server, and imports MLX the way the server does (after the BLAS is loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from kiapi.config import Settings, physical_memory_gb
+from kiapi.runtime import blas
+from kiapi.runtime.catalog import EMBEDDING, default_registry
+from kiapi.runtime.errors import ModelNotSetUp
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _files_root(settings: Settings) -> Check:
+    root = settings.files_root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        return Check("files root", False, f"{root} is not writable: {exc} (set KIAPI_FILES_ROOT)")
+    free_gb = shutil.disk_usage(root).free / 1024**3
+    return Check("files root", True, f"{root} (writable, {free_gb:.1f} GB free)")
+
+
+def checks(settings: Settings) -> list[Check]:
+    status = blas.activate(settings.blas)
+    from kiapi.runtime import mlx_engine  # imports MLX after the BLAS, as the server does
+
+    found = [
+        Check(
+            "platform",
+            True,
+            f"{platform.platform()}, Python {platform.python_version()}, "
+            f"{os.cpu_count()} CPUs, {physical_memory_gb():.1f} GB RAM",
+        ),
+        Check("mlx", True, mlx_engine.describe_device()),
+        Check("blas", status.optimized, status.describe()),
+        Check(
+            "matmul",
+            status.optimized,
+            f"{mlx_engine.sgemm_gflops():.1f} GFLOP/s (1024x1024 fp32 through MLX; "
+            "~5 on the reference BLAS, ~180 with OpenBLAS on 2 Zen 4 cores)",
+        ),
+        _files_root(settings),
+        Check("memory budget", True, f"{settings.memory_limit_gb:.2f} GB (KIAPI_MEMORY_LIMIT_GB)"),
+    ]
+    registry = default_registry(settings.model_paths)
+    note = registry.choose_default(EMBEDDING, settings.embedding_default_model)
+    default = registry.default(EMBEDDING)
+    usable = 0
+    for spec in registry.models(EMBEDDING):
+        marker = " [default]" if spec is default else ""
+        try:
+            spec.require_set_up()
+        except ModelNotSetUp as exc:
+            found.append(Check(f"model {spec.name}", True, f"not set up{marker}: {exc.hint}"))
+            continue
+        usable += 1
+        found.append(
+            Check(
+                f"model {spec.name}",
+                True,
+                f"set up{marker}, {spec.estimated_weight_gb():.3f} GB of weights",
+            )
+        )
+    found.append(
+        Check(
+            "embedding default",
+            usable > 0,
+            (note or f"{default.name}") if usable else "no embedding model is set up",
+        )
+    )
+    return found
+
+
+def main(settings: Settings) -> int:
+    results = checks(settings)
+    width = max(len(c.name) for c in results)
+    for check in results:
+        mark = "ok " if check.ok else "FIX"
+        print(f"{mark} {check.name:<{width}}  {check.detail}")
+    failed = [c.name for c in results if not c.ok]
+    print(f"\n{'problems: ' + ', '.join(failed) if failed else 'all checks passed'}")
+    sys.stdout.flush()
+    return 1 if failed else 0

@@ -1,0 +1,44 @@
+"""``kiapi doctor`` in a fresh process: the BLAS, MLX, the files root and each model."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def doctor(tmp_path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kiapi", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KIAPI_FILES_ROOT": str(tmp_path / "files"), **env},
+    )
+
+
+def lines(done) -> dict[str, str]:
+    return {line[4:].split("  ")[0].strip(): line for line in done.stdout.splitlines()[:-2]}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux BLAS")
+def test_doctor_reports_openblas_and_the_bundled_model(tmp_path):
+    done = doctor(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = lines(done)
+    assert found["blas"].startswith("ok ") and "OpenBLAS" in found["blas"]
+    assert "GFLOP/s" in found["matmul"] and "mlx 0." in found["mlx"]
+    assert "writable" in found["files root"]
+    assert "set up [default]" in found["model all-minilm-l6-v2"]
+    assert "hf download mlx-community/Qwen3-Embedding-8B-mxfp8" in found["model qwen3-embedding-8b"]
+    assert done.stdout.rstrip().endswith("all checks passed")
+
+
+def test_doctor_fails_on_the_reference_blas_and_an_unwritable_root(tmp_path):
+    (tmp_path / "files").write_text("a file where the folder should be")
+    done = doctor(tmp_path, KIAPI_BLAS="none")
+    assert done.returncode == 1
+    found = lines(done)
+    if sys.platform.startswith("linux"):
+        assert found["blas"].startswith("FIX")
+    assert found["files root"].startswith("FIX") and "KIAPI_FILES_ROOT" in found["files root"]
