@@ -102,3 +102,19 @@ def test_settings_reject_nonsense(monkeypatch):
     monkeypatch.setenv("KIAPI_MAX_QUEUE", "0")
     with pytest.raises(ValueError):
         Settings(_env_file=None)
+
+
+def test_warmup_setting_is_resolved_at_start_up(tmp_path):
+    from kiapi.runtime.core import Runtime
+
+    def runtime(**overrides):
+        return Runtime(Settings(_env_file=None, files_root=tmp_path, **overrides))
+
+    assert [s.name for s in runtime()._warmup] == ["all-minilm-l6-v2"]  # the effective default
+    assert runtime(warmup="none")._warmup == []
+    assert [s.name for s in runtime(warmup="minilm, vl")._warmup] == [
+        "all-minilm-l6-v2",
+        "qwen3-vl-embedding-2b",
+    ]
+    with pytest.raises(ValueError, match="KIAPI_WARMUP names unknown model 'nope'"):
+        runtime(warmup="nope")
