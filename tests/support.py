@@ -55,3 +55,53 @@ def assert_matches_schema(spec_name: str, schema_name: str, instance: Any) -> No
     )
     errors = list(validator.iter_errors(instance))
     assert not errors, [e.message for e in errors]
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30)):
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+class ImageServer:
+    """A loopback HTTP server for image-URL inputs: ``pages`` maps a path to PNG bytes, or to
+    ``("redirect", location)``; anything else is 404. Use as a context manager; ``url(path)``."""
+
+    def __init__(self, pages: dict[str, Any]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                page = pages.get(self.path)
+                if isinstance(page, tuple):
+                    self.send_response(302)
+                    self.send_header("Location", page[1])
+                    self.end_headers()
+                elif page is None:
+                    self.send_error(404)
+                else:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def __enter__(self) -> ImageServer:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

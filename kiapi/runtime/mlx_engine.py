@@ -121,7 +121,21 @@ def max_tokens_of(folder: Path, config: dict[str, Any]) -> int:
     return min(usable)
 
 
-class TextEmbedder:
+class _Embedder:
+    """What both engines share: the loaded MLX model, its measured weight, and unloading."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.weight_gb = parameter_gb(model)
+
+    def unload(self) -> None:
+        """Drop the weights and return MLX's cached buffers (worker thread)."""
+        self.model = None
+        gc.collect()
+        import_mlx().clear_cache()
+
+
+class TextEmbedder(_Embedder):
     """A text embedding model: ``tokenizers`` + an mlx-embeddings architecture + pooling.
 
     Inputs are truncated to ``max_tokens``; a batch is right-padded and masked. Pooling is
@@ -133,12 +147,11 @@ class TextEmbedder:
     def __init__(self, model, tokenizer, *, pooling: str, max_tokens: int, eos_id: int | None):
         if pooling not in (MEAN, LAST):
             raise ValueError(f"unknown pooling {pooling!r}")
-        self.model = model
+        super().__init__(model)
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_tokens = max_tokens
         self.eos_id = eos_id if pooling == LAST else None
-        self.weight_gb = parameter_gb(model)
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], *, pooling: str) -> TextEmbedder:
@@ -182,13 +195,8 @@ class TextEmbedder:
             for v, ids in zip(np.array(vectors), batch, strict=True)
         ]
 
-    def unload(self) -> None:
-        self.model = None
-        gc.collect()
-        import_mlx().clear_cache()
 
-
-class VisionLanguageEmbedder:
+class VisionLanguageEmbedder(_Embedder):
     """Qwen3-VL embedding: the mlx-embeddings model and its processor (transformers), as is.
 
     Text, an image, or both in one item give one fused vector: the processor formats the item
@@ -196,9 +204,8 @@ class VisionLanguageEmbedder:
     """
 
     def __init__(self, model, processor):
-        self.model = model
+        super().__init__(model)
         self.processor = processor
-        self.weight_gb = parameter_gb(model)
 
     @classmethod
     def load(cls, folder: Path) -> VisionLanguageEmbedder:
@@ -223,11 +230,6 @@ class VisionLanguageEmbedder:
             EmbeddingVector(vector=v, prompt_tokens=int(n))
             for v, n in zip(np.array(vectors), tokens, strict=True)
         ]
-
-    def unload(self) -> None:
-        self.model = None
-        gc.collect()
-        import_mlx().clear_cache()
 
 
 def load_embedding_model(spec: ModelSpec) -> LoadedModel:

@@ -3,23 +3,19 @@ here, because the contract's default is not set up), and tiny Qwen3 / Qwen3-VL m
 through KIAPI_MODEL_PATHS exactly as users point kiapi at downloaded weights."""
 
 import base64
-import io
 import json
 import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from starlette.testclient import TestClient
 
 from kiapi.app import create_app
 from kiapi.config import Settings
 from tests import tiny_models
-from tests.support import assert_matches_schema
+from tests.support import ImageServer, assert_matches_schema, png_bytes
 
 REFERENCE = json.loads(
     (Path(__file__).parent.parent / "fixtures" / "minilm_reference.json").read_text("utf-8")
@@ -221,41 +217,22 @@ def test_default_model_setting_overrides_the_contract_default(tmp_path, tiny_qwe
 # --------------------------------------------------------------------------- tiny Qwen3-VL
 
 
-def png_bytes(color=(200, 30, 30), size=(64, 48)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, color).save(out, format="PNG")
-    return out.getvalue()
-
-
-class _OnePicture(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = png_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def vl_client(tmp_path_factory, tiny_qwen3_vl):
     root = tmp_path_factory.mktemp("vl")
     (root / "pictures").mkdir()
     (root / "pictures" / "red.png").write_bytes(png_bytes())
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _OnePicture)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    with make_client(
-        root,
-        warmup="vl",
-        model_paths={"vl": tiny_qwen3_vl},
-        local_input_roots=[root / "pictures"],
-    ) as c:
+    with (
+        ImageServer({"/red.png": png_bytes()}) as server,
+        make_client(
+            root,
+            warmup="vl",
+            model_paths={"vl": tiny_qwen3_vl},
+            local_input_roots=[root / "pictures"],
+        ) as c,
+    ):
         wait_until(lambda: c.get("/health").json()["warm"])
-        yield c, root, f"http://127.0.0.1:{server.server_port}/red.png"
-    server.shutdown()
+        yield c, root, server.url("/red.png")
 
 
 def test_every_image_spelling_gives_the_same_vector(vl_client):
@@ -292,7 +269,7 @@ def test_text_and_image_fuse_into_one_vector(vl_client):
 
 def test_image_params_are_redacted_in_the_job_record(vl_client):
     c, _, _ = vl_client
-    data_url = "data:image/png;base64," + base64.b64encode(png_bytes((1, 2, 3))).decode()
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes(color=(1, 2, 3))).decode()
     embed(c, model="vl", image=data_url, text="redact me")
     job = next(
         j for j in c.get("/v1/jobs").json()["data"] if j["params"].get("text") == "redact me"

@@ -3,8 +3,6 @@
 import base64
 import io
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -12,12 +10,11 @@ from PIL import Image
 from kiapi.runtime.errors import BadRequest
 from kiapi.runtime.files import FileStore
 from kiapi.runtime.images import ImageLoader, ImagePolicy, base64_bytes
+from tests.support import ImageServer, png_bytes
 
 
 def png(size=(6, 4), color=(10, 200, 30)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, color).save(out, format="PNG")
-    return out.getvalue()
+    return png_bytes(size, color)
 
 
 def jpeg() -> bytes:
@@ -113,40 +110,22 @@ def test_limits_on_bytes_and_pixels(files):
     )
 
 
-class _Images(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = {"/cat.png": png((7, 7)), "/big.png": png((500, 500), (1, 2, 3))}.get(self.path)
-        if self.path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", "/cat.png")
-            self.end_headers()
-            return
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def image_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    pages = {
+        "/cat.png": png((7, 7)),
+        "/big.png": png((500, 500), (1, 2, 3)),
+        "/redirect": ("redirect", "/cat.png"),
+    }
+    with ImageServer(pages) as server:
+        yield server
 
 
 def test_http_urls_are_fetched_with_a_cap(files, image_server):
-    assert loader(files).load(f"{image_server}/cat.png").size == (7, 7)
-    assert loader(files).load(f"{image_server}/redirect").size == (7, 7)
-    assert_bad(loader(files).load, f"{image_server}/missing.png", "HTTP 404")
-    assert_bad(loader(files, max_bytes=200).load, f"{image_server}/big.png", "over 200")
+    assert loader(files).load(image_server.url("/cat.png")).size == (7, 7)
+    assert loader(files).load(image_server.url("/redirect")).size == (7, 7)
+    assert_bad(loader(files).load, image_server.url("/missing.png"), "HTTP 404")
+    assert_bad(loader(files, max_bytes=200).load, image_server.url("/big.png"), "over 200")
     assert_bad(loader(files).load, "http://127.0.0.1:9/x.png", "could not fetch")
 
 
