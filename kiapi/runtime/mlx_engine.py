@@ -240,6 +240,9 @@ def load_embedding_model(spec: ModelSpec) -> LoadedModel:
         embedder: TextEmbedder | VisionLanguageEmbedder = VisionLanguageEmbedder.load(folder)
     else:
         embedder = TextEmbedder.load(folder, config, pooling=spec.pooling or MEAN)
+    # One forward pass before the model counts as loaded: MLX compiles some kernels (GELU) with
+    # g++ on first use, ~0.9 s on a machine with no cache yet, which no request should pay.
+    embedder.embed([EmbeddingItem(text="warm up")])
     return LoadedModel(model=embedder, weight_gb=embedder.weight_gb, unload=embedder.unload)
 
 
