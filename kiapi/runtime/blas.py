@@ -3,9 +3,9 @@
 The ``mlx[cpu]`` wheel for Linux links the reference (netlib) BLAS: a 1024x1024 fp32 matmul ran
 at ~5 GFLOP/s here, against ~180 with OpenBLAS. MLX resolves ``cblas_sgemm`` and friends through
 the dynamic linker, so a BLAS loaded with ``RTLD_GLOBAL`` *before* ``mlx.core`` is first imported
-provides them instead. OpenBLAS was chosen by measurement over MKL (MKL 2026.2 with GNU threads:
-143-165 GFLOP/s; OpenBLAS 0.3.21-0.3.33: 167-181, and 1.8x MKL on the 12-row matmuls of a short
-sentence).
+provides them instead. OpenBLAS was chosen by measurement (``bench/blas_matmul.py``): OpenBLAS
+0.3.33 was the fastest on every shape measured, Debian's 0.3.21 the fastest on large ones; MKL
+2026.2 was slower on large shapes and beat 0.3.21 only on the 12-row matmuls of one sentence.
 
 Invariants:
 
@@ -145,8 +145,3 @@ def activate(setting: str = AUTO) -> BlasStatus:
             else:
                 log.warning("BLAS for MLX is NOT optimized: %s", _status.describe())
         return _status
-
-
-def status() -> BlasStatus | None:
-    """The active choice, or None before :func:`activate` ran."""
-    return _status
