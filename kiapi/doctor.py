@@ -84,7 +84,7 @@ def checks(settings: Settings) -> list[Check]:
         Check(
             "embedding default",
             usable > 0,
-            (note or f"{default.name}") if usable else "no embedding model is set up",
+            (note or default.name) if usable else "no embedding model is set up",
         )
     )
     return found

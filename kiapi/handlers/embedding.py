@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kiapi.handlers import runtime
 from kiapi.runtime.catalog import EMBEDDING
-from kiapi.runtime.embedding import EmbeddingItem, load_item, parse_request, run_embedding
+from kiapi.runtime.embedding import EmbeddingItem, parse_request, run_embedding
 
 
 async def embedding_v1_embedding_post(body: dict):
@@ -16,9 +16,10 @@ async def embedding_v1_embedding_post(body: dict):
     rt = runtime()
     request = parse_request(rt.registry, body)
     rt.require_runnable(request.spec)
-    item = EmbeddingItem(text=request.text)
+    image = None
     if request.image is not None:  # fetching and decoding an image is blocking I/O
-        item = await run_in_threadpool(load_item, request, rt.images)
+        image = await run_in_threadpool(rt.images.load, request.image)
+    item = EmbeddingItem(text=request.text, image=image)
     output = await rt.run_sync(
         EMBEDDING, request.params(), lambda: run_embedding(rt.memory, request.spec, item, received)
     )

@@ -1,4 +1,4 @@
-"""The embedding capability, HTTP-free: request checks, input loading, the job body.
+"""The embedding capability, HTTP-free: request checks, the job body, the response record.
 
 A loaded embedding model (what the catalog entry's loader returns as ``LoadedModel.model``)
 provides ``embed(items) -> vectors``, one vector per item, in order; only the worker thread
@@ -22,8 +22,6 @@ from kiapi.runtime.worker import JobOutput
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-    from kiapi.runtime.images import ImageLoader
 
 MODALITIES = ("text", "image")
 
@@ -86,12 +84,6 @@ def parse_request(registry: Registry, body: dict[str, Any]) -> EmbeddingRequest:
             "choose a multimodal model from GET /v1/embedding/models"
         )
     return EmbeddingRequest(spec, **given)
-
-
-def load_item(request: EmbeddingRequest, images: ImageLoader) -> EmbeddingItem:
-    """Fetch and decode the inputs (blocking I/O: call it off the event loop)."""
-    image = images.load(request.image) if request.image is not None else None
-    return EmbeddingItem(text=request.text, image=image)
 
 
 def l2_normalize(vector: np.ndarray | Sequence[float]) -> np.ndarray:
