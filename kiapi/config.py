@@ -40,7 +40,16 @@ class Settings(BaseSettings):
     )
     max_upload_mb: PositiveFloat = Field(512, description="Largest accepted upload, in MB.")
     max_queue: PositiveInt = Field(
-        64, description="Jobs that may wait for the worker; more -> 503."
+        256, description="Jobs that may wait for the worker; more -> 503."
+    )
+    batch_max_items: PositiveInt = Field(
+        32,
+        description="Most embedding requests one forward pass may serve together; "
+        "1 turns batching off.",
+    )
+    batch_max_tokens: PositiveInt = Field(
+        8192,
+        description="Most tokens (estimated from text length) one batched forward pass may hold.",
     )
     sync_timeout_s: PositiveFloat = Field(
         300, description="How long a sync request waits for its job before answering 504."

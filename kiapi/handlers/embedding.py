@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kiapi.handlers import runtime
 from kiapi.runtime.catalog import EMBEDDING
-from kiapi.runtime.embedding import EmbeddingItem, parse_request, run_embedding
+from kiapi.runtime.embedding import EmbeddingItem, embedding_job, parse_request
 
 
 async def embedding_v1_embedding_post(body: dict):
@@ -21,7 +21,7 @@ async def embedding_v1_embedding_post(body: dict):
         image = await run_in_threadpool(rt.images.load, request.image)
     item = EmbeddingItem(text=request.text, image=image)
     output = await rt.run_sync(
-        EMBEDDING, request.params(), lambda: run_embedding(rt.memory, request.spec, item, received)
+        EMBEDDING, request.params(), embedding_job(rt.memory, request.spec, item, received)
     )
     return output.result
 

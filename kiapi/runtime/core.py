@@ -23,7 +23,7 @@ from kiapi.runtime.images import ImageLoader, ImagePolicy
 from kiapi.runtime.jobs import RUNNING, Job, JobStore
 from kiapi.runtime.memory import MemoryManager, load_with_spec_loader
 from kiapi.runtime.registry import LoadedModel, ModelSpec, Registry
-from kiapi.runtime.worker import JobBody, JobOutput, Worker
+from kiapi.runtime.worker import BatchPolicy, JobBody, JobOutput, Worker
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Runtime:
             max_queue=settings.max_queue,
             idle_interval_s=settings.ttl_sweep_s,
             on_idle=self.memory.sweep,
+            batch=BatchPolicy(settings.batch_max_items, settings.batch_max_tokens),
         )
         self.files = FileStore(settings.files_root, max_upload_bytes=settings.max_upload_bytes)
         self.images = ImageLoader(

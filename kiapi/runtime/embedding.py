@@ -3,10 +3,15 @@
 A loaded embedding model (what the catalog entry's loader returns as ``LoadedModel.model``)
 provides ``embed(items) -> vectors``, one vector per item, in order; only the worker thread
 calls it.
+
+Every request is its own ``embedding`` job; :func:`embedding_job` makes it
+:class:`~kiapi.runtime.worker.Batchable`, so the worker runs the queued requests for one model
+in a single ``embed`` call (see :func:`run_embedding_batch`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +23,7 @@ from kiapi.runtime.catalog import EMBEDDING
 from kiapi.runtime.errors import BadRequest
 from kiapi.runtime.memory import MemoryManager
 from kiapi.runtime.registry import ModelSpec, Registry
-from kiapi.runtime.worker import JobOutput
+from kiapi.runtime.worker import Batchable, JobOutput
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -93,29 +98,81 @@ def l2_normalize(vector: np.ndarray | Sequence[float]) -> np.ndarray:
     return vector / np.float32(norm) if norm > 0 else vector
 
 
-def run_embedding(
+CHARS_PER_TOKEN = 3  # a conservative estimate for the batch budget (English averages ~4)
+IMAGE_TOKEN_ESTIMATE = 256
+
+
+def estimated_tokens(item: EmbeddingItem) -> int:
+    """An item's share of the batch token budget, estimated without tokenising."""
+    text = len(item.text) // CHARS_PER_TOKEN + 2 if item.text else 0
+    return text + (IMAGE_TOKEN_ESTIMATE if item.image is not None else 0)
+
+
+def embedding_job(
     memory: MemoryManager, spec: ModelSpec, item: EmbeddingItem, received: float
-) -> JobOutput:
-    """The job body (worker thread): acquire the model, embed, and build the response record.
+) -> Batchable:
+    """The job body for one request; the worker batches it with queued requests for ``spec``.
 
     ``received`` is the ``time.perf_counter()`` reading taken when the request arrived, so
     ``timings.total_s`` is the whole server-side time (queue wait, loading, embedding).
     """
+    return Batchable(
+        key=(EMBEDDING, spec.name),
+        item=(item, received),
+        run_batch=functools.partial(run_embedding_batch, memory, spec),
+        cost=estimated_tokens(item),
+    )
+
+
+def run_embedding_batch(
+    memory: MemoryManager, spec: ModelSpec, members: Sequence[tuple[EmbeddingItem, float]]
+) -> list[JobOutput | Exception]:
+    """The batch body (worker thread): one ``embed`` call for every member, one outcome each.
+
+    If the batched call fails, each item is embedded alone, so a bad item fails only its own
+    job. Failing to get the model (not set up, over budget) fails every member.
+    """
+    items = [item for item, _ in members]
     started = time.perf_counter()
     with memory.use(spec) as model:
-        (out,) = model.embed([item])
-    vector = l2_normalize(out.vector)
+        try:
+            vectors: list[EmbeddingVector | Exception] = list(model.embed(items))
+        except Exception:
+            if len(items) == 1:
+                raise
+            vectors = [_embed_alone(model, item) for item in items]
     finished = time.perf_counter()
-    return JobOutput(
-        result={
-            "model": spec.name,
-            "embedding": vector,
-            "dimension": len(vector),
-            "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
-            "timings": {
-                "total_s": finished - received,
-                "queue_s": started - received,
-                "embed_s": finished - started,
-            },
-        }
-    )
+    outcomes: list[JobOutput | Exception] = []
+    for (_, received), out in zip(members, vectors, strict=True):
+        if isinstance(out, Exception):
+            outcomes.append(out)
+            continue
+        vector = l2_normalize(out.vector)
+        outcomes.append(
+            JobOutput(
+                result={
+                    "model": spec.name,
+                    "embedding": vector,
+                    "dimension": len(vector),
+                    "usage": {
+                        "prompt_tokens": out.prompt_tokens,
+                        "total_tokens": out.prompt_tokens,
+                    },
+                    "timings": {
+                        "total_s": finished - received,
+                        "queue_s": started - received,
+                        "embed_s": finished - started,
+                        "batch_size": len(items),
+                    },
+                }
+            )
+        )
+    return outcomes
+
+
+def _embed_alone(model: EmbeddingModel, item: EmbeddingItem) -> EmbeddingVector | Exception:
+    try:
+        (out,) = model.embed([item])
+        return out
+    except Exception as exc:  # this item's own failure, reported on its own job
+        return exc

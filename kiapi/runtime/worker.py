@@ -11,6 +11,11 @@ Invariants:
   message and the waiter gets the exception.
 * When no job arrives for ``idle_interval_s`` the ``on_idle`` hook runs on the worker thread
   (the memory manager's TTL sweep).
+* Batching: when the job taken is :class:`Batchable`, the worker also takes every queued job
+  with the same ``key`` (in queue order, wherever they wait) up to ``batch.max_items`` jobs and
+  ``batch.max_cost`` summed cost, and runs them in one ``run_batch`` call. Nothing waits for a
+  batch to fill: a batch is whatever is queued at that moment. Each job keeps its own record,
+  result and error: ``run_batch`` returns one outcome per member.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +44,37 @@ class JobOutput:
     artifacts: list[str] = field(default_factory=list)
 
 
-JobBody = Callable[[], JobOutput]
+@dataclass(frozen=True)
+class Batchable:
+    """A job body the worker may run in one call with other queued jobs of the same ``key``.
+
+    ``run_batch(items)`` gets the ``item`` of every member, in queue order, and returns one
+    outcome per member, in the same order: its :class:`JobOutput`, or the exception that fails
+    that member alone. ``cost`` is the member's share of ``BatchPolicy.max_cost`` (for
+    embeddings: its estimated tokens). Members with equal keys must have interchangeable
+    ``run_batch`` callables.
+    """
+
+    key: Hashable
+    item: Any
+    run_batch: Callable[[Sequence[Any]], Sequence[JobOutput | BaseException]]
+    cost: int = 1
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How much one batch may hold: ``max_items`` jobs and ``max_cost`` summed cost (a single
+    job over ``max_cost`` still runs, alone). ``max_items=1`` turns batching off."""
+
+    max_items: int = 32
+    max_cost: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_items < 1 or self.max_cost < 1:
+            raise ValueError("batch limits must be >= 1")
+
+
+JobBody = Callable[[], JobOutput] | Batchable
 
 
 class Worker:
@@ -50,6 +85,7 @@ class Worker:
         max_queue: int,
         idle_interval_s: float = 30.0,
         on_idle: Callable[[], None] | None = None,
+        batch: BatchPolicy | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
@@ -57,6 +93,7 @@ class Worker:
         self._max_queue = max_queue
         self._idle_interval_s = idle_interval_s
         self._on_idle = on_idle
+        self._batch = batch or BatchPolicy()
         self._queue: deque[tuple[Job, JobBody]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -122,17 +159,41 @@ class Worker:
         return True
 
     # -- worker thread --------------------------------------------------------------------
-    def _next(self) -> tuple[Job, JobBody] | None:
-        """Block until a job is queued (running the idle hook on quiet intervals)."""
+    def _next(self) -> list[tuple[Job, JobBody]] | None:
+        """Block until a job is queued (running the idle hook on quiet intervals); return it
+        with the queued jobs that share its batch."""
         while True:
             with self._cond:
                 if self._stopping:
                     return None
                 if self._queue:
-                    return self._queue.popleft()
+                    first = self._queue.popleft()
+                    return [first, *self._take_batch_mates(first[1])]
                 notified = self._cond.wait(self._idle_interval_s)
             if not notified:
                 self._idle()
+
+    def _take_batch_mates(self, body: JobBody) -> list[tuple[Job, JobBody]]:
+        """Remove and return the queued jobs that may join ``body``'s batch (lock held)."""
+        if not isinstance(body, Batchable) or self._batch.max_items == 1:
+            return []
+        mates: list[tuple[Job, JobBody]] = []
+        cost = body.cost
+        kept: deque[tuple[Job, JobBody]] = deque()
+        for queued in self._queue:
+            other = queued[1]
+            if (
+                len(mates) + 1 < self._batch.max_items
+                and isinstance(other, Batchable)
+                and other.key == body.key
+                and cost + other.cost <= self._batch.max_cost
+            ):
+                mates.append(queued)
+                cost += other.cost
+            else:
+                kept.append(queued)
+        self._queue = kept
+        return mates
 
     def _idle(self) -> None:
         if self._on_idle is None:
@@ -142,27 +203,52 @@ class Worker:
         except Exception:  # the idle hook must never kill the worker
             log.exception("worker idle hook failed")
 
+    def _start(self, job: Job) -> bool:
+        """Queued -> running; False (and nothing to run) if it was canceled meanwhile."""
+        if not self._store.mark_running(job):
+            return False  # canceled while queued
+        if not job.future.set_running_or_notify_cancel():
+            self._store.finish(job, FAILED, error="its waiter canceled the job's future")
+            return False
+        return True
+
+    def _finish(self, job: Job, outcome: JobOutput | BaseException) -> None:
+        if isinstance(outcome, KiapiError):
+            self._store.finish(job, FAILED, error=outcome.detail)
+            job.future.set_exception(outcome)
+        elif isinstance(outcome, BaseException):
+            log.error("job %s (%s) crashed", job.id, job.type, exc_info=outcome)
+            self._store.finish(job, FAILED, error=f"internal error: {outcome!r}")
+            job.future.set_exception(outcome)
+        else:
+            self._store.finish(job, SUCCEEDED, result=outcome.result, artifacts=outcome.artifacts)
+            job.future.set_result(outcome)
+
     def _run(self) -> None:
-        while (item := self._next()) is not None:
-            job, body = item
-            if not self._store.mark_running(job):
-                continue  # canceled while queued
-            if not job.future.set_running_or_notify_cancel():
-                self._store.finish(job, FAILED, error="its waiter canceled the job's future")
+        while (taken := self._next()) is not None:
+            members = [(job, body) for job, body in taken if self._start(job)]
+            if not members:
                 continue
             started = time.monotonic()
-            try:
-                with reporting_for(self._store, job):
-                    output = body()
-            except KiapiError as exc:
-                self._store.finish(job, FAILED, error=exc.detail)
-                job.future.set_exception(exc)
-            except Exception as exc:
-                log.exception("job %s (%s) crashed", job.id, job.type)
-                self._store.finish(job, FAILED, error=f"internal error: {exc!r}")
-                job.future.set_exception(exc)
-            else:
-                self._store.finish(job, SUCCEEDED, result=output.result, artifacts=output.artifacts)
-                job.future.set_result(output)
-            elapsed = time.monotonic() - started
+            for job, outcome in zip(
+                (job for job, _ in members), self._outcomes(members), strict=True
+            ):
+                self._finish(job, outcome)
+            elapsed = (time.monotonic() - started) / len(members)
             self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
+
+    def _outcomes(self, members: list[tuple[Job, JobBody]]) -> list[JobOutput | BaseException]:
+        """Run one job, or one batch of jobs, and return an outcome per member."""
+        job, body = members[0]
+        try:
+            with reporting_for(self._store, job):
+                if isinstance(body, Batchable):
+                    outcomes = list(body.run_batch([b.item for _, b in members]))  # type: ignore[union-attr]
+                    if len(outcomes) != len(members):
+                        raise RuntimeError(
+                            f"run_batch returned {len(outcomes)} outcomes for {len(members)} jobs"
+                        )
+                    return outcomes
+                return [body()]
+        except Exception as exc:  # a KiapiError is the clients' error; anything else, a bug
+            return [exc] * len(members)

@@ -5,7 +5,9 @@ through KIAPI_MODEL_PATHS exactly as users point kiapi at downloaded weights."""
 import base64
 import json
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from starlette.testclient import TestClient
 
 from kiapi.app import create_app
 from kiapi.config import Settings
+from kiapi.runtime.worker import JobOutput
 from tests import tiny_models
 from tests.support import ImageServer, assert_matches_schema, png_bytes
 
@@ -180,6 +183,50 @@ def test_sync_timeout_504_names_the_job_whose_result_stays_readable(tmp_path):
         result = c.get(f"/v1/jobs/{job_id}").json()["result"]
         assert result["model"] == "all-minilm-l6-v2"
         assert cosine(result["embedding"], SHORT["vector"]) >= 0.9999
+
+
+def hold_the_worker(client):
+    """Queue a job that blocks the worker until the returned event is set."""
+    runtime = client.app_state["runtime"]
+    started, release = threading.Event(), threading.Event()
+
+    def blocker():
+        started.set()
+        assert release.wait(30)
+        return JobOutput(result={})
+
+    runtime.submit("test-hold", {}, blocker)
+    assert started.wait(10)
+    return release
+
+
+def test_concurrent_requests_share_a_forward_pass_and_keep_their_own_results(client):
+    texts = [ref["text"] for ref in REFERENCE["items"]]
+    release = hold_the_worker(client)
+    with ThreadPoolExecutor(len(texts)) as pool:
+        futures = [pool.submit(embed, client, text=text) for text in texts]
+        runtime = client.app_state["runtime"]
+        wait_until(lambda: runtime.worker.queue_len() == len(texts))
+        release.set()
+        outs = [f.result(60) for f in futures]
+    assert {out["timings"]["batch_size"] for out in outs} == {len(texts)}
+    for ref, out in zip(REFERENCE["items"], outs, strict=True):
+        assert cosine(out["embedding"], ref["vector"]) >= 0.9999, ref["name"]
+        assert out["usage"]["prompt_tokens"] == ref["tokens"], ref["name"]
+        assert cosine(out["embedding"], embed(client, text=ref["text"])["embedding"]) >= 0.9999
+    jobs = {j["params"].get("text"): j for j in client.get("/v1/jobs").json()["data"]}
+    assert all(jobs[t]["status"] == "succeeded" for t in texts)
+
+
+def test_batching_can_be_turned_off(tmp_path):
+    with make_client(tmp_path, batch_max_items=1) as c:
+        wait_until(lambda: c.get("/health").json()["warm"])
+        release = hold_the_worker(c)
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(embed, c, text=f"text {i}") for i in range(4)]
+            wait_until(lambda: c.app_state["runtime"].worker.queue_len() == 4)
+            release.set()
+            assert {f.result(60)["timings"]["batch_size"] for f in futures} == {1}
 
 
 # --------------------------------------------------------------------------- tiny Qwen3

@@ -5,7 +5,7 @@ import pytest
 
 from kiapi.runtime.errors import BadRequest, JobCanceled, NotFound, Overloaded
 from kiapi.runtime.jobs import JobStore, redact_params, report_progress
-from kiapi.runtime.worker import JobOutput, Worker
+from kiapi.runtime.worker import Batchable, BatchPolicy, JobOutput, Worker
 
 
 def wait_until(predicate, timeout=5.0):
@@ -211,3 +211,130 @@ def test_redaction_of_large_media():
     assert redact_params({"image": "file_0123456789abcdef"})["image"] == "file_0123456789abcdef"
     long_text = redact_params({"text": "x" * 10_000})["text"]
     assert len(long_text) < 4200 and "10000 chars" in long_text
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class Recorder:
+    """A batch body that records each call's items and answers per item (an int item ``n``
+    succeeds with ``{"n": n}``; the item ``"bad"`` fails with a client error)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, items):
+        self.calls.append(list(items))
+        return [
+            BadRequest("bad item") if item == "bad" else JobOutput(result={"n": item})
+            for item in items
+        ]
+
+    def body(self, item, key="k", cost=1):
+        return Batchable(key=key, item=item, run_batch=self, cost=cost)
+
+
+def held_worker(store, policy, max_queue=64):
+    """A started worker whose first job blocks until released, so tests fill its queue."""
+    w = Worker(store, max_queue=max_queue, batch=policy)
+    w.start()
+    gate = Gate()
+    w.submit(store.create("t", {}), gate)
+    assert gate.started.wait(5)
+    return w, gate
+
+
+def test_queued_jobs_with_one_key_run_as_one_batch_in_queue_order(store):
+    rec = Recorder()
+    w, gate = held_worker(store, BatchPolicy(max_items=32))
+    jobs = [store.create("e", {"i": i}) for i in range(5)]
+    futures = [w.submit(job, rec.body(i)) for i, job in enumerate(jobs)]
+    gate.release.set()
+    assert [f.result(5).result for f in futures] == [{"n": i} for i in range(5)]
+    w.stop()
+    assert rec.calls == [[0, 1, 2, 3, 4]]
+    assert all(store.snapshot(j.id)["status"] == "succeeded" for j in jobs)
+
+
+def test_batches_respect_keys_item_cap_and_cost_budget(store):
+    rec = Recorder()
+    w, gate = held_worker(store, BatchPolicy(max_items=3, max_cost=10))
+    bodies = [
+        rec.body(0, cost=4),
+        rec.body(1, key="other"),  # another model: its own batch
+        rec.body(2, cost=4),
+        rec.body(3, cost=4),  # would make 12 > 10: next batch
+        rec.body(4, cost=1),
+        rec.body(5, cost=1),
+        rec.body(6, cost=1),  # a fourth item: over the cap of 3
+        rec.body(7, cost=50),  # over the budget on its own: runs alone
+    ]
+    futures = [w.submit(store.create("e", {}), b) for b in bodies]
+    gate.release.set()
+    assert [f.result(5).result["n"] for f in futures] == list(range(8))
+    w.stop()
+    assert rec.calls == [[0, 2, 4], [1], [3, 5, 6], [7]]
+
+
+def test_max_items_one_turns_batching_off(store):
+    rec = Recorder()
+    w, gate = held_worker(store, BatchPolicy(max_items=1))
+    futures = [w.submit(store.create("e", {}), rec.body(i)) for i in range(3)]
+    gate.release.set()
+    [f.result(5) for f in futures]
+    w.stop()
+    assert rec.calls == [[0], [1], [2]]
+
+
+def test_a_lone_job_runs_without_waiting_for_a_batch(store):
+    rec = Recorder()
+    w = Worker(store, max_queue=4, batch=BatchPolicy(max_items=32))
+    w.start()
+    started = time.monotonic()
+    assert w.submit(store.create("e", {}), rec.body(1)).result(5).result == {"n": 1}
+    assert time.monotonic() - started < 0.5
+    w.stop()
+    assert rec.calls == [[1]]
+
+
+def test_a_bad_member_fails_only_its_own_job(store):
+    rec = Recorder()
+    w, gate = held_worker(store, BatchPolicy())
+    jobs = [store.create("e", {}) for _ in range(3)]
+    futures = [w.submit(j, rec.body(item)) for j, item in zip(jobs, [1, "bad", 3], strict=True)]
+    gate.release.set()
+    assert futures[0].result(5).result == {"n": 1} and futures[2].result(5).result == {"n": 3}
+    with pytest.raises(BadRequest):
+        futures[1].result(5)
+    w.stop()
+    assert rec.calls == [[1, "bad", 3]]
+    assert [store.snapshot(j.id)["status"] for j in jobs] == ["succeeded", "failed", "succeeded"]
+    assert store.snapshot(jobs[1].id)["error"] == "bad item"
+
+
+def test_a_failing_batch_call_fails_every_member_and_the_worker_goes_on(store):
+    def broken(items):
+        raise ZeroDivisionError("boom")
+
+    w, gate = held_worker(store, BatchPolicy())
+    jobs = [store.create("e", {}) for _ in range(2)]
+    futures = [w.submit(j, Batchable("k", i, broken)) for i, j in enumerate(jobs)]
+    gate.release.set()
+    for f in futures:
+        with pytest.raises(ZeroDivisionError):
+            f.result(5)
+    assert w.submit(store.create("t", {}), lambda: JobOutput(result={"ok": 1})).result(5)
+    w.stop()
+    assert all("boom" in store.snapshot(j.id)["error"] for j in jobs)
+
+
+def test_a_canceled_job_is_left_out_of_its_batch(store):
+    rec = Recorder()
+    w, gate = held_worker(store, BatchPolicy())
+    jobs = [store.create("e", {}) for _ in range(3)]
+    futures = [w.submit(j, rec.body(i)) for i, j in enumerate(jobs)]
+    assert w.cancel(jobs[1])
+    gate.release.set()
+    assert futures[2].result(5).result == {"n": 2}
+    w.stop()
+    assert rec.calls == [[0, 2]]
