@@ -56,6 +56,7 @@ class BlasStatus:
 
 _lock = threading.Lock()
 _status: BlasStatus | None = None
+_loaded: dict[str, ctypes.CDLL] = {}  # path -> the library, for its thread control
 
 
 def openblas_candidates() -> list[str]:
@@ -89,6 +90,7 @@ def _load(path: str) -> BlasStatus | None:
     if not hasattr(lib, "cblas_sgemm"):
         log.debug("%s does not export cblas_sgemm", path)
         return None
+    _loaded[path] = lib
     return BlasStatus(_describe_library(lib, path), path, optimized=True)
 
 
@@ -145,3 +147,17 @@ def activate(setting: str = AUTO) -> BlasStatus:
             else:
                 log.warning("BLAS for MLX is NOT optimized: %s", _status.describe())
         return _status
+
+
+def set_threads(count: int) -> bool:
+    """Set how many threads the active OpenBLAS uses per call; False if it cannot be told.
+
+    The engine calls it between forward passes (never while MLX has BLAS work in flight): one
+    thread per call when it runs two halves of a batch on two MLX streams, all cores otherwise.
+    """
+    lib = _loaded.get(_status.path) if _status is not None and _status.path else None
+    setter = getattr(lib, "openblas_set_num_threads", None) if lib is not None else None
+    if setter is None:
+        return False
+    setter(int(count))
+    return True

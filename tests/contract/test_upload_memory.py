@@ -33,8 +33,9 @@ def server(tmp_path):
     deadline = time.monotonic() + 30
     while True:
         try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
+            health = httpx.get(f"{url}/health")
+            if health.status_code == 200 and health.json()["warm"]:
+                break  # the warmup model load is done: it is not the upload's memory
         except httpx.TransportError:
             pass
         assert time.monotonic() < deadline and proc.poll() is None, "server did not start"

@@ -9,9 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kiapi.runtime import blas
 from kiapi.runtime.catalog import default_registry
 from kiapi.runtime.embedding import EmbeddingItem
-from kiapi.runtime.mlx_engine import TextEmbedder, VisionLanguageEmbedder, load_embedding_model
+from kiapi.runtime.mlx_engine import (
+    FastBert,
+    TextEmbedder,
+    VisionLanguageEmbedder,
+    import_mlx,
+    length_groups,
+    load_embedding_model,
+    numpy_softmax,
+    polynomial_gelu,
+)
 from tests import tiny_models
 
 REFERENCE = json.loads(
@@ -60,6 +70,105 @@ def test_minilm_truncates_to_max_seq_length_and_reports_it(minilm):
     (out,) = minilm.model.embed(texts(long["text"] * 3))
     assert out.prompt_tokens == 256
     assert cosine(out.vector, long["vector"]) >= 0.9999  # same first 256 tokens
+
+
+def test_minilm_is_served_by_the_fast_cpu_encoder(minilm):
+    assert isinstance(minilm.model.fast, FastBert)
+
+
+def original_hidden(model, ids, mask):
+    """mlx-embeddings' own BERT forward pass: what FastBert must reproduce."""
+    return np.array(model(ids, attention_mask=mask).last_hidden_state)
+
+
+@pytest.mark.parametrize(
+    ("streams", "numpy_softmax_min"),
+    [(1, 1 << 30), (1, 0), (2, 1 << 30)],
+    ids=["one-stream-mlx-softmax", "one-stream-numpy-softmax", "two-streams"],
+)
+def test_fast_bert_reproduces_the_original_forward_pass(minilm, streams, numpy_softmax_min):
+    mx = import_mlx()
+    embedder = minilm.model
+    batch = embedder.token_ids([r["text"] for r in REFERENCE["items"]])
+    width = max(len(ids) for ids in batch)
+    ids = mx.array([ids + [0] * (width - len(ids)) for ids in batch])
+    mask = mx.array([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch])
+    fast = FastBert(embedder.model, streams=streams, numpy_softmax_min=numpy_softmax_min)
+    want = original_hidden(embedder.model, ids, mask)
+    got = np.array(fast(ids, mask))
+    assert got.shape == want.shape
+    real = np.array(mask, dtype=bool)  # padded positions are never pooled
+    assert np.abs(got[real] - want[real]).max() < 1e-4
+    for row_got, row_want in zip(got[real], want[real], strict=True):
+        assert cosine(row_got, row_want) >= 0.99999
+
+
+def test_fast_bert_off_gives_the_same_vectors(minilm):
+    embedder = minilm.model
+    items = texts(*(r["text"] for r in REFERENCE["items"]))
+    fast = embedder.embed(items)
+    embedder.fast, kept = None, embedder.fast
+    try:
+        plain = embedder.embed(items)
+    finally:
+        embedder.fast = kept
+    for a, b in zip(fast, plain, strict=True):
+        assert cosine(a.vector, b.vector) >= 0.99999 and a.prompt_tokens == b.prompt_tokens
+
+
+def test_polynomial_gelu_matches_exact_gelu():
+    mx = import_mlx()
+    import mlx.nn as nn
+
+    x = mx.concatenate([mx.linspace(-12, 12, 200_001), mx.random.normal((100_000,)) * 4])
+    exact = np.array(nn.gelu(x), dtype=np.float64)
+    got = np.array(polynomial_gelu(x), dtype=np.float64)
+    assert np.abs(got - exact).max() < 2e-6
+    assert np.isfinite(np.array(polynomial_gelu(mx.array([1e30, -1e30, 0.0])))).all()
+
+
+def test_numpy_softmax_matches_mlx_softmax():
+    mx = import_mlx()
+    scores = mx.random.normal((2, 3, 7, 7)) * 20
+    scores = scores + mx.array([0.0] * 5 + [-10000.0] * 2)  # masked positions
+    got, want = np.array(numpy_softmax(scores)), np.array(mx.softmax(scores, axis=-1))
+    assert np.abs(got - want).max() < 1e-6
+    assert np.allclose(got.sum(axis=-1), 1, atol=1e-6)
+
+
+def test_length_groups_keep_short_texts_together_and_long_ones_apart():
+    assert length_groups([12] * 32) == [list(range(32))]
+    assert length_groups([10, 11, 12, 14, 16]) == [[0, 1, 2, 3, 4]]
+    groups = length_groups([12] * 16 + [200] * 16)
+    assert groups == [list(range(16)), list(range(16, 32))]
+    assert length_groups([]) == []
+    assert length_groups([5]) == [[0]]
+    # every index exactly once, in order
+    lengths = sorted(np.random.default_rng(0).integers(1, 257, 100).tolist())
+    flat = [i for g in length_groups(lengths) for i in g]
+    assert flat == list(range(100))
+
+
+def test_mixed_lengths_embed_in_input_order(minilm):
+    short, long = "a short one", " ".join(["a much longer sentence about nothing"] * 30)
+    together = minilm.model.embed(texts(long, short, long, short))
+    alone = {t: minilm.model.embed(texts(t))[0].vector for t in (short, long)}
+    for out, text in zip(together, (long, short, long, short), strict=True):
+        assert cosine(out.vector, alone[text]) >= 0.9999
+
+
+def test_blas_thread_count_can_be_set():
+    status = blas.activate()
+    if not status.path or "OpenBLAS" not in status.name:
+        pytest.skip("needs OpenBLAS")
+    import ctypes
+
+    lib = ctypes.CDLL(status.path)
+    before = lib.openblas_get_num_threads()
+    try:
+        assert blas.set_threads(1) and lib.openblas_get_num_threads() == 1
+    finally:
+        blas.set_threads(before)
 
 
 def test_minilm_weight_is_measured(minilm):
