@@ -48,8 +48,14 @@ class Settings(BaseSettings):
         "1 turns batching off.",
     )
     batch_max_tokens: PositiveInt = Field(
-        8192,
+        16384,
         description="Most tokens (estimated from text length) one batched forward pass may hold.",
+    )
+    batch_fill_wait_ms: float = Field(
+        20,
+        ge=0,
+        description="After a batch of n > 1 requests, how long the worker may wait for n to be "
+        "queued again before the next batch (a single client never waits); 0: never wait.",
     )
     sync_timeout_s: PositiveFloat = Field(
         300, description="How long a sync request waits for its job before answering 504."

@@ -55,7 +55,11 @@ class Runtime:
             max_queue=settings.max_queue,
             idle_interval_s=settings.ttl_sweep_s,
             on_idle=self.memory.sweep,
-            batch=BatchPolicy(settings.batch_max_items, settings.batch_max_tokens),
+            batch=BatchPolicy(
+                settings.batch_max_items,
+                settings.batch_max_tokens,
+                settings.batch_fill_wait_ms / 1000,
+            ),
         )
         self.files = FileStore(settings.files_root, max_upload_bytes=settings.max_upload_bytes)
         self.images = ImageLoader(

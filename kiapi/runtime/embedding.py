@@ -98,7 +98,7 @@ def l2_normalize(vector: np.ndarray | Sequence[float]) -> np.ndarray:
     return vector / np.float32(norm) if norm > 0 else vector
 
 
-CHARS_PER_TOKEN = 3  # a conservative estimate for the batch budget (English averages ~4)
+CHARS_PER_TOKEN = 4  # English averages ~4 characters per token
 IMAGE_TOKEN_ESTIMATE = 256
 
 

@@ -338,3 +338,32 @@ def test_a_canceled_job_is_left_out_of_its_batch(store):
     assert futures[2].result(5).result == {"n": 2}
     w.stop()
     assert rec.calls == [[0, 2]]
+
+
+def test_sequential_jobs_never_wait_for_batch_mates(store):
+    rec = Recorder()
+    w = Worker(store, max_queue=4, batch=BatchPolicy(fill_wait_s=5.0))
+    w.start()
+    started = time.monotonic()
+    for i in range(3):  # one client: each batch has one job, so no wait ever starts
+        assert w.submit(store.create("e", {}), rec.body(i)).result(5).result == {"n": i}
+    assert time.monotonic() - started < 1.0
+    w.stop()
+    assert rec.calls == [[0], [1], [2]]
+
+
+def test_after_a_batch_of_n_the_worker_waits_briefly_for_n_again(store):
+    rec = Recorder()
+    w, gate = held_worker(store, BatchPolicy(fill_wait_s=0.3))
+    futures = [w.submit(store.create("e", {}), rec.body(i)) for i in range(3)]
+    gate.release.set()
+    [f.result(5) for f in futures]  # a batch of 3
+    started = time.monotonic()
+    first = w.submit(store.create("e", {}), rec.body(3))
+    time.sleep(0.05)  # arrives during the wait: joins the batch
+    second = w.submit(store.create("e", {}), rec.body(4))
+    assert first.result(5) and second.result(5)
+    waited = time.monotonic() - started
+    w.stop()
+    assert rec.calls == [[0, 1, 2], [3, 4]]
+    assert 0.25 <= waited < 2.0  # waited for a third job that never came, then ran
