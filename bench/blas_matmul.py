@@ -46,7 +46,7 @@ def measure(setting: str) -> dict:
 def main() -> None:
     from kiapi.runtime.blas import openblas_candidates
 
-    settings = sys.argv[1:] or ["none", *openblas_candidates()[:1]]
+    settings = sys.argv[1:] or ["none", *openblas_candidates()]
     print("| BLAS | 1024^3 GFLOP/s | 384x384x1536 | 12x384x1536 |")
     print("|---|---|---|---|")
     for setting in settings:

@@ -6,6 +6,7 @@ the dynamic linker, so a BLAS loaded with ``RTLD_GLOBAL`` *before* ``mlx.core`` 
 provides them instead. OpenBLAS was chosen by measurement (``bench/blas_matmul.py``): OpenBLAS
 0.3.33 was the fastest on every shape measured, Debian's 0.3.21 the fastest on large ones; MKL
 2026.2 was slower on large shapes and beat 0.3.21 only on the 12-row matmuls of one sentence.
+``auto`` takes 0.3.33 from the ``ngsolve-openblas`` wheel when it loads, else the system's.
 
 Invariants:
 
@@ -59,16 +60,43 @@ _status: BlasStatus | None = None
 _loaded: dict[str, ctypes.CDLL] = {}  # path -> the library, for its thread control
 
 
+WHEEL_PACKAGE = "ngsolve_openblas"  # PyPI ngsolve-openblas: upstream OpenBLAS, pthreads
+
+
+def wheel_openblas() -> list[str]:
+    """The OpenBLAS shipped by the ``ngsolve-openblas`` wheel (a kiapi dependency on x86-64
+    Linux), found without importing the package (its ``__init__`` loads the library)."""
+    import importlib.util
+
+    found = importlib.util.find_spec(WHEEL_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        return []
+    return sorted(
+        str(p) for d in found.submodule_search_locations for p in Path(d).glob("libopenblas*.so*")
+    )
+
+
 def openblas_candidates() -> list[str]:
-    """Where OpenBLAS usually lives, most specific first (pthread builds before others)."""
+    """Where OpenBLAS usually lives, preferred first: the wheel's upstream build (0.3.33 twice
+    as fast on one sentence's matmuls as Debian 12's 0.3.21), then system pthread builds."""
     multiarch = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
     dirs = [f"/usr/lib/{multiarch}", "/usr/lib64", "/usr/lib", "/usr/local/lib"]
     names = ["openblas-pthread/libopenblas.so.0", "libopenblasp.so.0", "libopenblas.so.0"]
-    found = [str(Path(d) / n) for d in dirs for n in names if (Path(d) / n).exists()]
+    found = wheel_openblas()
+    found += [str(Path(d) / n) for d in dirs for n in names if (Path(d) / n).exists()]
     by_ldconfig = ctypes.util.find_library("openblas")
     if by_ldconfig:
         found.append(by_ldconfig)
     return list(dict.fromkeys(found))
+
+
+def loadable_openblas() -> str | None:
+    """The first candidate that loads and exports ``cblas_sgemm`` (the wheel's build needs
+    the system's libgfortran5), or None. Loads it into this process."""
+    for path in openblas_candidates():
+        if _load(path) is not None:
+            return path
+    return None
 
 
 def _describe_library(lib: ctypes.CDLL, path: str) -> str:

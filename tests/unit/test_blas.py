@@ -3,13 +3,14 @@
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 
 import pytest
 
-from kiapi.runtime.blas import openblas_candidates
+from kiapi.runtime.blas import openblas_candidates, wheel_openblas
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -76,3 +77,15 @@ def test_too_late_when_mlx_was_imported_first():
     status, bound = probe("auto", before="import mlx.core")
     assert not status["optimized"] and "imported before" in status["name"]
     assert "openblas" not in bound.lower()
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+    reason="the ngsolve-openblas wheel is a dependency on x86-64 Linux only",
+)
+def test_auto_prefers_the_wheels_upstream_openblas():
+    (wheel,) = wheel_openblas()
+    assert openblas_candidates()[0] == wheel
+    status, bound = probe("auto")
+    assert status["path"] == wheel and "OpenBLAS 0.3.3" in status["name"]
+    assert os.path.realpath(bound) == os.path.realpath(wheel)
