@@ -8,6 +8,7 @@ FastAPI shape). These subclasses plug into Connexion's ``validator_map`` and rai
 
 from __future__ import annotations
 
+import functools
 import json
 import typing as t
 
@@ -65,6 +66,13 @@ def has_body(scope: Scope) -> bool:
 
 
 class ContractParameterValidator(ParameterValidator):
+    def validate(self, scope) -> None:
+        if not self.strict_validation and not any(
+            self.parameters.get(location) for location in PARAMETER_LOCATIONS
+        ):
+            return  # nothing to check (e.g. POST /v1/embedding): skip building a request view
+        super().validate(scope)
+
     def validate_request(self, request) -> None:
         errors: list[dict[str, t.Any]] = []
         sources = {
@@ -89,15 +97,35 @@ class ContractParameterValidator(ParameterValidator):
             if param.get("required"):
                 return [{"loc": loc, "msg": "Field required", "type": "missing"}]
             return []
-        schema = param.get("schema", param)
-        validator = Draft4Validator(schema, format_checker=Draft4Validator.FORMAT_CHECKER)
-        return schema_errors(validator, value, loc)
+        return schema_errors(_parameter_validator(json.dumps(param, sort_keys=True)), value, loc)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parameter_validator(param_json: str) -> Draft4Validator:
+    """A parameter's schema validator, built once per distinct parameter definition."""
+    param = json.loads(param_json)
+    return Draft4Validator(
+        param.get("schema", param), format_checker=Draft4Validator.FORMAT_CHECKER
+    )
+
+
+_body_validators: dict[int, tuple[dict, Draft4Validator]] = {}
 
 
 class ContractJSONBodyValidator(JSONRequestBodyValidator):
     @property
     def _validator(self):
-        return Draft4RequestValidator(self._schema, format_checker=Draft4Validator.FORMAT_CHECKER)
+        """One jsonschema validator per body schema, built on first use. Connexion creates a
+        body validator object per request, but hands it the operation's same schema dict;
+        building a jsonschema validator per request cost more than validating the body. (The
+        entry keeps the schema alive, so its id is never reused.)"""
+        cached = _body_validators.get(id(self._schema))
+        if cached is None or cached[0] is not self._schema:
+            validator = Draft4RequestValidator(
+                self._schema, format_checker=Draft4Validator.FORMAT_CHECKER
+            )
+            cached = _body_validators[id(self._schema)] = (self._schema, validator)
+        return cached[1]
 
     async def wrap_receive(self, receive: Receive, *, scope: Scope):
         if not has_body(scope) and self._required:
