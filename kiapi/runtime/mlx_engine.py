@@ -186,11 +186,14 @@ class TextEmbedder(_Embedder):
         batch = self.token_ids([item.text or "" for item in items])
         order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
         vectors: list[EmbeddingVector | None] = [None] * len(batch)
+        padded = 0
         for group in length_groups([len(batch[i]) for i in order]):
             members = [order[i] for i in group]
             pooled = self._embed_group([batch[i] for i in members])
+            padded += len(members) * len(batch[members[-1]])  # sorted: the last is the longest
             for index, vector in zip(members, pooled, strict=True):
                 vectors[index] = EmbeddingVector(vector=vector, prompt_tokens=len(batch[index]))
+        release_memory(padded)
         return vectors  # type: ignore[return-value]
 
     def _embed_group(self, batch: list[list[int]]) -> np.ndarray:
@@ -218,6 +221,41 @@ class TextEmbedder(_Embedder):
         if self.fast is not None:
             return self.fast(input_ids, attention_mask)
         return self.model(input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+KEPT_CACHE_BYTES = 64 * 1024**2
+TRIM_HEAP_TOKENS = 2048  # padded tokens in one call from which the C heap is trimmed after it
+
+
+def release_memory(padded_tokens: int) -> None:
+    """Return memory a large call left behind (worker thread, between calls).
+
+    * MLX's cache of freed buffers is cleared when it holds more than 64 MiB.
+    * After a call of ``TRIM_HEAP_TOKENS`` padded tokens or more, glibc's ``malloc_trim``
+      hands freed heap pages back: MLX's stream threads allocate mid-size buffers from glibc
+      arenas that keep them. Measured by hand: two batches of 32 texts of 256 tokens took a
+      process from 175 to 510 MiB RSS; ``malloc_trim(0)`` brought it back to 215 MiB.
+      Batches of short texts never trigger it.
+    """
+    mx = import_mlx()
+    if mx.get_cache_memory() > KEPT_CACHE_BYTES:
+        mx.clear_cache()
+    if padded_tokens >= TRIM_HEAP_TOKENS and _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)  # glibc only
+
+
+_malloc_trim = _find_malloc_trim() if sys.platform.startswith("linux") else None
 
 
 PADDING_SLACK = 0.25  # a length group may pad up to 25% of its real tokens ...

@@ -305,3 +305,17 @@ def test_vl_batch_of_one_equals_batch_of_many(vl):
         (alone,) = vl.embed([item])
         assert cosine(alone.vector, out.vector) >= 0.9999
         assert alone.prompt_tokens == out.prompt_tokens
+
+
+def test_memory_is_given_back_after_a_large_batch(minilm):
+    psutil = pytest.importorskip("psutil")
+    mx = import_mlx()
+    process = psutil.Process()
+    long = " ".join(["a sentence long enough to fill the attention buffers"] * 40)
+    minilm.model.embed(texts("warm"))
+    before = process.memory_info().rss
+    minilm.model.embed(texts(*[long] * 32))
+    minilm.model.embed(texts(*[long] * 32))
+    grown_mib = (process.memory_info().rss - before) / 2**20
+    assert mx.get_cache_memory() <= 64 * 1024**2
+    assert grown_mib < 100, f"RSS grew by {grown_mib:.0f} MiB after two 256-token batches"
