@@ -17,68 +17,13 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-import httpx
+from _common import free_port, machine, percentile, start_server, stop_server
 
-ROOT = Path(__file__).resolve().parent.parent
 SENTENCE = "A man is eating food on the street today."
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def start_server(model: str, port: int, files_root: str) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "KIAPI_FILES_ROOT": files_root,
-        "KIAPI_WARMUP": model,
-        "KIAPI_LOG_LEVEL": "warning",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "kiapi", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").json()["warm"]:
-                return server
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit(f"server exited: {server.stderr.read().decode()[-2000:]}")
-        time.sleep(0.1)
-    server.kill()
-    raise SystemExit("server did not become warm within 120 s")
 
 
 def main() -> None:
@@ -105,7 +50,7 @@ def main() -> None:
     direct, http_s = [], []
     server_side: dict[str, list[float]] = {"total_s": [], "queue_s": [], "embed_s": []}
     with tempfile.TemporaryDirectory() as files_root:
-        server = start_server(spec.name, port, files_root)
+        server, _ = start_server(port, files_root, {"KIAPI_WARMUP": spec.name})
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             body = json.dumps({"text": SENTENCE, "model": spec.name})
@@ -135,8 +80,7 @@ def main() -> None:
                         server_side[key].append(timings[key])
             connection.close()
         finally:
-            server.terminate()
-            server.wait(10)
+            stop_server(server)
 
     def row(name: str, values: list[float]) -> str:
         ms = [v * 1000 for v in values]
@@ -147,7 +91,7 @@ def main() -> None:
 
     overhead = (percentile(http_s, 50) - percentile(direct, 50)) * 1000
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, {platform.system()}")
+    print(f"machine: {machine()}")
     print(f"BLAS: {status.describe()}")
     print(f"model: {spec.name}; text: {SENTENCE!r}")
     print(f"{args.rounds} rounds of {args.requests} requests per side\n")
