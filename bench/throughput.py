@@ -5,7 +5,9 @@
 Prints markdown tables for all-MiniLM-L6-v2 (the bundled model):
 
 1. direct, in-process forward throughput (the server's own loader and ``embed``) at batch
-   1, 8 and 32, run in a subprocess so that its threads are gone before the server runs;
+   1, 8 and 32, and at batch 32 through mlx-embeddings' own BERT forward pass instead of
+   kiapi's ``FastBert``; run in a subprocess so that its threads are gone before the server
+   runs;
 2. ``kiapi serve`` (a subprocess on a free loopback port) with batching on (the default) and
    off (``KIAPI_BATCH_MAX_ITEMS=1``): for each text length and each number of concurrent
    clients, req/s, p50 and p99 latency, and errors. Each client is one keep-alive connection
@@ -111,6 +113,16 @@ def direct(tokens_list: list[int], seconds: float) -> dict[str, dict[str, float]
                 model.embed(items)
                 count += batch
             out[str(tokens)][str(batch)] = count / (time.perf_counter() - started)
+        # the same batch of 32 through mlx-embeddings' own BERT forward pass, for comparison
+        fast, model.fast = model.fast, None
+        items = [EmbeddingItem(text=t) for t in texts[:32]]
+        model.embed(items)
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            model.embed(items)
+            count += 32
+        out[str(tokens)]["plain32"] = count / (time.perf_counter() - started)
+        model.fast = fast
     return out
 
 
@@ -320,11 +332,11 @@ def report(direct_rates, runs: list[ServerRun], tokens_list, clients, args) -> N
     print(f"BLAS: {blas.activate(Settings(_env_file=None).blas).describe()}")
     print(f"model: {MODEL}; {args.seconds:g} s per measurement\n")
     print("Direct, in-process (sentences/s):\n")
-    print("| tokens | batch 1 | batch 8 | batch 32 |")
-    print("|---|---|---|---|")
+    print("| tokens | batch 1 | batch 8 | batch 32 | batch 32, plain mlx-embeddings forward |")
+    print("|---|---|---|---|---|")
     for tokens in tokens_list:
         r = direct_rates[str(tokens)]
-        print(f"| {tokens} | {r['1']:.1f} | {r['8']:.1f} | {r['32']:.1f} |")
+        print(f"| {tokens} | {r['1']:.1f} | {r['8']:.1f} | {r['32']:.1f} | {r['plain32']:.1f} |")
     print("\nThrough HTTP (one text per request):\n")
     print("| server | tokens | clients | req/s | p50 ms | p99 ms | mean batch | errors |")
     print("|---|---|---|---|---|---|---|---|")
