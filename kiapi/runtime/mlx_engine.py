@@ -155,6 +155,12 @@ class TextEmbedder(_Embedder):
         self.max_tokens = max_tokens
         self.eos_id = eos_id if pooling == LAST else None
         self.fast = FastBert(model) if fast_bert_applies(model) else None
+        if self.fast is not None:
+            self.weight_gb += self.fast.extra_bytes() / GIB  # its fused QKV weights
+
+    def unload(self) -> None:
+        self.fast = None  # it holds weight arrays too
+        super().unload()
 
     @classmethod
     def load(cls, folder: Path, config: dict[str, Any], *, pooling: str) -> TextEmbedder:
@@ -337,6 +343,14 @@ def numpy_softmax(scores):
     return mx.array(out)
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS has no sched_getaffinity
+        return os.cpu_count() or 1
+
+
 def fast_bert_applies(model) -> bool:
     """:class:`FastBert` serves mlx-embeddings' BERT models when MLX computes on the CPU."""
     mx = import_mlx()
@@ -371,7 +385,7 @@ class FastBert:
         self.heads = config.num_attention_heads
         self.head_size = config.hidden_size // self.heads
         self.numpy_softmax_min = numpy_softmax_min
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         self.streams = [mx.new_stream(mx.cpu) for _ in range(streams or min(2, cores))]
         self.threads_per_stream = max(1, cores // len(self.streams))
         self.cores = cores
@@ -396,6 +410,10 @@ class FastBert:
                 }
             )
         mx.eval([{k: v for k, v in p.items() if not k.startswith("norm")} for p in self.layers])
+
+    def extra_bytes(self) -> int:
+        """Memory it adds to the model's own weights: the fused QKV weights and biases."""
+        return sum(p["w_qkv"].nbytes + p["b_qkv"].nbytes for p in self.layers)
 
     def __call__(self, input_ids, attention_mask):
         mx = import_mlx()

@@ -120,7 +120,8 @@ def test_health_shows_the_warm_resident_model(client):
     assert health["warm"] is True
     (resident,) = health["memory"]["loaded"]
     assert resident["name"] == "all-minilm-l6-v2" and resident["family"] == "embedding"
-    assert resident["weight_gb"] == pytest.approx(22_713_216 * 4 / 1024**3, rel=0.01)
+    fused_qkv = 6 * (1152 * 384 + 1152)  # FastBert's fused query/key/value weights
+    assert resident["weight_gb"] == pytest.approx((22_713_216 + fused_qkv) * 4 / 1024**3, rel=0.01)
     warmup = [j for j in client.get("/v1/jobs").json()["data"] if j["type"] == "warmup"]
     assert warmup[0]["result"] == {"loaded": ["all-minilm-l6-v2"], "skipped": {}}
 

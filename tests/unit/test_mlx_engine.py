@@ -173,7 +173,16 @@ def test_blas_thread_count_can_be_set():
 
 def test_minilm_weight_is_measured(minilm):
     params = 22_713_216  # all-MiniLM-L6-v2's parameter count, fp32
-    assert minilm.weight_gb == pytest.approx(params * 4 / 1024**3, rel=0.01)
+    fused_qkv = 6 * (1152 * 384 + 1152)  # FastBert's fused query/key/value, 6 layers
+    assert minilm.weight_gb == pytest.approx((params + fused_qkv) * 4 / 1024**3, rel=0.001)
+
+
+def test_unloading_minilm_drops_the_fast_encoder_too():
+    loaded = load_embedding_model(default_registry().resolve("embedding", "minilm"))
+    embedder = loaded.model
+    assert embedder.fast is not None
+    loaded.unload()
+    assert embedder.model is None and embedder.fast is None
 
 
 # --------------------------------------------------------------------------- tiny Qwen3
