@@ -8,7 +8,6 @@ FastAPI shape). These subclasses plug into Connexion's ``validator_map`` and rai
 
 from __future__ import annotations
 
-import functools
 import json
 import typing as t
 
@@ -97,35 +96,34 @@ class ContractParameterValidator(ParameterValidator):
             if param.get("required"):
                 return [{"loc": loc, "msg": "Field required", "type": "missing"}]
             return []
-        return schema_errors(_parameter_validator(json.dumps(param, sort_keys=True)), value, loc)
+        return schema_errors(validator_for(param.get("schema", param)), value, loc)
 
 
-@functools.lru_cache(maxsize=1024)
-def _parameter_validator(param_json: str) -> Draft4Validator:
-    """A parameter's schema validator, built once per distinct parameter definition."""
-    param = json.loads(param_json)
-    return Draft4Validator(
-        param.get("schema", param), format_checker=Draft4Validator.FORMAT_CHECKER
-    )
+_validators: dict[tuple[int, type], tuple[dict, Draft4Validator]] = {}
 
 
-_body_validators: dict[int, tuple[dict, Draft4Validator]] = {}
+def validator_for(schema: dict, cls: type[Draft4Validator] = Draft4Validator) -> Draft4Validator:
+    """The jsonschema validator of ``schema``, built on its first use.
+
+    Connexion creates validator objects per request but hands them the operation's same
+    schema dicts; building a jsonschema validator per request cost more than validating. The
+    cache is keyed by the schema object (the entry keeps it alive, so its id is never reused)
+    and holds one entry per parameter and body schema of the served specs.
+    """
+    key = (id(schema), cls)
+    cached = _validators.get(key)
+    if cached is None or cached[0] is not schema:
+        cached = _validators[key] = (
+            schema,
+            cls(schema, format_checker=Draft4Validator.FORMAT_CHECKER),
+        )
+    return cached[1]
 
 
 class ContractJSONBodyValidator(JSONRequestBodyValidator):
     @property
     def _validator(self):
-        """One jsonschema validator per body schema, built on first use. Connexion creates a
-        body validator object per request, but hands it the operation's same schema dict;
-        building a jsonschema validator per request cost more than validating the body. (The
-        entry keeps the schema alive, so its id is never reused.)"""
-        cached = _body_validators.get(id(self._schema))
-        if cached is None or cached[0] is not self._schema:
-            validator = Draft4RequestValidator(
-                self._schema, format_checker=Draft4Validator.FORMAT_CHECKER
-            )
-            cached = _body_validators[id(self._schema)] = (self._schema, validator)
-        return cached[1]
+        return validator_for(self._schema, Draft4RequestValidator)
 
     async def wrap_receive(self, receive: Receive, *, scope: Scope):
         if not has_body(scope) and self._required:

@@ -93,9 +93,15 @@ def openblas_candidates() -> list[str]:
 def loadable_openblas() -> str | None:
     """The first candidate that loads and exports ``cblas_sgemm`` (the wheel's build needs
     the system's libgfortran5), or None. Loads it into this process."""
+    status = _first_loadable()
+    return status.path if status is not None else None
+
+
+def _first_loadable() -> BlasStatus | None:
     for path in openblas_candidates():
-        if _load(path) is not None:
-            return path
+        status = _load(path)
+        if status is not None:
+            return status
     return None
 
 
@@ -148,10 +154,9 @@ def _choose(setting: str) -> BlasStatus:
                 note=f"KIAPI_BLAS={setting} could not be loaded or lacks cblas_sgemm; {FIX_HINT}",
             )
         return status
-    for path in openblas_candidates():
-        status = _load(path)
-        if status is not None:
-            return status
+    status = _first_loadable()
+    if status is not None:
+        return status
     return BlasStatus(
         "MLX's bundled reference BLAS",
         None,

@@ -288,11 +288,11 @@ def test_max_items_one_turns_batching_off(store):
 
 def test_a_lone_job_runs_without_waiting_for_a_batch(store):
     rec = Recorder()
-    w = Worker(store, max_queue=4, batch=BatchPolicy(max_items=32))
+    w = Worker(store, max_queue=4, batch=BatchPolicy(max_items=32, fill_wait_s=5.0))
     w.start()
     started = time.monotonic()
     assert w.submit(store.create("e", {}), rec.body(1)).result(5).result == {"n": 1}
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0  # a wait would take 5 s
     w.stop()
     assert rec.calls == [[1]]
 
