@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 from connexion import AsyncApp
 from connexion.middleware import ConnexionMiddleware
+from connexion.middleware.exceptions import ExceptionMiddleware
 from connexion.middleware.response_validation import ResponseValidationMiddleware
 from connexion.middleware.security import SecurityMiddleware
 from connexion.middleware.swagger_ui import SwaggerUIMiddleware
@@ -20,12 +22,20 @@ from connexion.options import SwaggerUIOptions
 from connexion.resolver import RelativeResolver
 
 from kiapi.config import Settings
-from kiapi.http.docs import doc_routes
+from kiapi.http.docs import ASSETS_PATH, doc_routes
 from kiapi.http.errors import install_error_handlers
+from kiapi.http.guards import BearerAuth, BodyLimit
 from kiapi.http.jsonifier import OrjsonJsonifier
+from kiapi.http.multipart import is_multipart
 from kiapi.http.validation import VALIDATOR_MAP
 from kiapi.runtime.core import Runtime
-from kiapi.specs import SPEC_SOURCES, served_document, to_openapi_30
+from kiapi.specs import (
+    PUBLIC_PATHS,
+    SPEC_SOURCES,
+    multipart_paths,
+    served_document,
+    to_openapi_30,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,36 @@ MIDDLEWARES = [
     for m in ConnexionMiddleware.default_middlewares
     if m not in (SwaggerUIMiddleware, SecurityMiddleware, ResponseValidationMiddleware)
 ]
+
+
+def middlewares(settings: Settings) -> list:
+    """:data:`MIDDLEWARES` with kiapi's guards just inside the exception middleware (what they
+    raise is mapped like any error): the bearer token first, so an anonymous body is never
+    read, then the body limit."""
+    guards: list = []
+    if settings.token:
+        public = frozenset(PUBLIC_PATHS | {path for path, _view in doc_routes()})
+        guards.append(partial(BearerAuth, token=settings.token, is_public=public_path(public)))
+    uploads = multipart_paths()
+    guards.append(
+        partial(
+            BodyLimit,
+            max_bytes=settings.max_body_bytes,
+            exempt=lambda scope: scope["path"] in uploads and is_multipart(scope),
+        )
+    )
+    position = MIDDLEWARES.index(ExceptionMiddleware) + 1
+    return MIDDLEWARES[:position] + guards + MIDDLEWARES[position:]
+
+
+def public_path(public: frozenset[str]):
+    """A predicate for public paths; doc assets are the one templated route."""
+    assets = f"{ASSETS_PATH}/"
+
+    def is_public(path: str) -> bool:
+        return path in public or path.startswith(assets)
+
+    return is_public
 
 
 def create_app(
@@ -66,18 +106,18 @@ def create_app(
         lifespan=lifespan,
         validator_map=VALIDATOR_MAP,
         jsonifier=OrjsonJsonifier(),
-        middlewares=MIDDLEWARES,
+        middlewares=middlewares(settings),
         # We serve each spec's docs ourselves: Connexion would serve the 3.0 conversion, and two
         # APIs on one base path hide each other's docs.
         swagger_ui_options=SwaggerUIOptions(serve_spec=False, swagger_ui=False),
     )
     for source in SPEC_SOURCES:
         app.add_api(
-            to_openapi_30(served_document(source.name)),
+            to_openapi_30(served_document(source.name, auth=bool(settings.token))),
             name=source.name,
             resolver=RelativeResolver(source.handler_module),
         )
-    for path, view in doc_routes():
+    for path, view in doc_routes(auth=bool(settings.token)):
         app.add_url_rule(path, endpoint=path, view_func=view, methods=["GET"])
     install_error_handlers(app)
     return app

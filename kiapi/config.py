@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import platformdirs
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -39,6 +39,14 @@ class Settings(BaseSettings):
         description="Directory of the Files API store (uploads and artifacts).",
     )
     max_upload_mb: PositiveFloat = Field(512, description="Largest accepted upload, in MB.")
+    max_body_mb: PositiveFloat = Field(
+        64, description="Largest request body other than an upload (JSON), in MB; more -> 413."
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="When set, every endpoint but /health and the docs needs "
+        "'Authorization: Bearer <token>'; else 401.",
+    )
     max_queue: PositiveInt = Field(
         256, description="Jobs that may wait for the worker; more -> 503."
     )
@@ -108,6 +116,11 @@ class Settings(BaseSettings):
     image_fetch_timeout_s: PositiveFloat = Field(
         10, description="Time limit for fetching an http(s) image input."
     )
+    allow_private_urls: bool = Field(
+        False,
+        description="Let image URLs reach loopback, private, link-local and other non-public "
+        "addresses (refused by default: SSRF).",
+    )
 
     @field_validator("local_input_roots", mode="before")
     @classmethod
@@ -122,6 +135,16 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def token(self) -> str | None:
+        """The bearer token, or None when auth is off (an empty setting turns it off)."""
+        secret = self.auth_token.get_secret_value() if self.auth_token else ""
+        return secret or None
 
     @property
     def max_image_bytes(self) -> int:

@@ -93,9 +93,67 @@ def load_served(name: str, specs_dir: Path = SPECS_DIR) -> dict[str, Any]:
 
 
 @cache
-def served_document(name: str) -> dict[str, Any]:
-    """Cached served document for the installed ``specs/`` (treat it as read-only)."""
-    return load_served(name)
+def served_document(name: str, *, auth: bool = False) -> dict[str, Any]:
+    """Cached served document for the installed ``specs/`` (treat it as read-only).
+
+    ``auth``: the server requires a bearer token (``KIAPI_AUTH_TOKEN``), so the document also
+    declares the security scheme and the 401 answers (:func:`with_bearer_auth`).
+    """
+    served = load_served(name)
+    return with_bearer_auth(served) if auth else served
+
+
+# Operations anyone may call when a token is required (besides the documentation pages).
+PUBLIC_PATHS = frozenset({"/health"})
+BEARER_SCHEME = "bearerAuth"
+
+
+def with_bearer_auth(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` plus bearer-token security: the scheme, ``security`` on every operation (empty on
+    :data:`PUBLIC_PATHS`) and a documented 401. Added with :func:`add_only_merge`, so nothing the
+    document says is changed."""
+    unauthorized = {
+        "description": "No valid `Authorization: Bearer <token>` header; the server was started "
+        "with KIAPI_AUTH_TOKEN.",
+        "headers": {
+            "WWW-Authenticate": {
+                "description": 'The challenge: `Bearer realm="kiapi"`, with '
+                '`error="invalid_token"` when a wrong token was sent.',
+                "schema": {"type": "string"},
+            }
+        },
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    paths: dict[str, Any] = {}
+    for method, path, _operation in operations(spec):
+        if path in PUBLIC_PATHS:
+            addition: dict[str, Any] = {"security": []}
+        else:
+            addition = {"security": [{BEARER_SCHEME: []}], "responses": {"401": unauthorized}}
+        paths.setdefault(path, {})[method] = addition
+    overlay = {
+        "components": {
+            "securitySchemes": {
+                BEARER_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The value of KIAPI_AUTH_TOKEN, compared in constant time.",
+                }
+            }
+        },
+        "paths": paths,
+    }
+    return add_only_merge(spec, overlay)
+
+
+def multipart_paths() -> frozenset[str]:
+    """Paths of the served operations that take ``multipart/form-data`` bodies (uploads)."""
+    return frozenset(
+        path
+        for source in SPEC_SOURCES
+        for _method, path, op in operations(served_document(source.name))
+        if "multipart/form-data" in op.get("requestBody", {}).get("content", {})
+    )
 
 
 def operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:

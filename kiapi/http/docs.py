@@ -73,8 +73,8 @@ def _page(template: str, source: SpecSource) -> HTMLResponse:
     )
 
 
-def _spec_view(source: SpecSource):
-    body = json.dumps(served_document(source.name)).encode()
+def _spec_view(source: SpecSource, auth: bool):
+    body = json.dumps(served_document(source.name, auth=auth)).encode()
 
     async def view(_request: Request) -> Response:
         return Response(body, media_type="application/json")
@@ -105,12 +105,13 @@ async def asset_view(request: Request) -> Response:
     return FileResponse(root / relative, media_type=media_type)
 
 
-def doc_routes() -> list[tuple[str, object]]:
-    """``(path, view)`` for every documentation page, spec document and asset."""
+def doc_routes(*, auth: bool = False) -> list[tuple[str, object]]:
+    """``(path, view)`` for every documentation page, spec document and asset; ``auth``: the
+    spec documents declare the bearer token (:func:`kiapi.specs.with_bearer_auth`)."""
     routes: list[tuple[str, object]] = [(f"{ASSETS_PATH}/{{name}}", asset_view)]
     for source in SPEC_SOURCES:
         prefix = source.docs_prefix
-        routes.append((f"{prefix}/openapi.json", _spec_view(source)))
+        routes.append((f"{prefix}/openapi.json", _spec_view(source, auth)))
         routes.append((f"{prefix}/docs.html", _page_view(SWAGGER_PAGE, source)))
         routes.append((f"{prefix}/redoc.html", _page_view(REDOC_PAGE, source)))
         routes.append((f"{prefix}/docs", _page_view(SWAGGER_PAGE, source)))

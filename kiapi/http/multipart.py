@@ -55,6 +55,12 @@ class StagedForm:
             upload.staged.abort()
 
 
+def is_multipart(scope: Scope) -> bool:
+    """The request says its body is ``multipart/form-data``."""
+    media_type = Headers(scope=scope).get("content-type", "").split(";", 1)[0]
+    return media_type.strip().lower() == "multipart/form-data"
+
+
 def staged_form(scope: Scope) -> StagedForm:
     return scope.get("extensions", {})[FORM_SCOPE_KEY]
 

@@ -40,6 +40,22 @@ class BadRequest(KiapiError):
     status = 400
 
 
+class Unauthorized(KiapiError):
+    """No valid ``Authorization: Bearer <token>`` where ``KIAPI_AUTH_TOKEN`` requires one."""
+
+    status = 401
+
+    def __init__(self, detail: str, *, error: str | None = None) -> None:
+        super().__init__(detail, hint="send the header 'Authorization: Bearer <KIAPI_AUTH_TOKEN>'")
+        self.error = error  # RFC 6750 error code, when credentials were sent but are wrong
+
+    def headers(self) -> dict[str, str]:
+        challenge = 'Bearer realm="kiapi"'
+        if self.error:
+            challenge += f', error="{self.error}"'
+        return {"WWW-Authenticate": challenge}
+
+
 class NotFound(KiapiError):
     """An id (job, file) that does not exist (any more)."""
 

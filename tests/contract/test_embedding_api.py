@@ -81,6 +81,15 @@ def test_every_reference_text_over_http(client):
         assert out["usage"]["prompt_tokens"] == ref["tokens"], ref["name"]
 
 
+def test_oversize_text_is_truncated_as_documented_never_a_crash(client):
+    long = next(r for r in REFERENCE["items"] if r["name"] == "long_over_256_tokens")
+    text = long["text"] + " filler" * 300_000  # ~2 MB, under KIAPI_MAX_BODY_MB
+    out = embed(client, text=text)
+    assert out["usage"]["prompt_tokens"] == 256
+    assert cosine(out["embedding"], long["vector"]) >= 0.9999  # the same first 256 tokens
+    assert client.get("/health").json()["status"] == "ok"
+
+
 @pytest.mark.parametrize(
     "name",
     [
