@@ -68,27 +68,43 @@ def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (2
 
 
 class ImageServer:
-    """A loopback HTTP server for image-URL inputs: ``pages`` maps a path to PNG bytes, or to
-    ``("redirect", location)``; anything else is 404. Use as a context manager; ``url(path)``."""
+    """A loopback HTTP server for image-URL inputs. ``pages`` maps a path to PNG bytes, to
+    ``("redirect", location)``, to ``("typed", content_type, body)`` or to
+    ``("drip", body, seconds)`` (sent a byte at a time, sleeping between bytes); anything else is
+    404. Use as a context manager; ``url(path)``."""
 
     def __init__(self, pages: dict[str, Any]) -> None:
+        import time
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 page = pages.get(self.path)
-                if isinstance(page, tuple):
+                kind = page[0] if isinstance(page, tuple) else None
+                if kind == "redirect":
                     self.send_response(302)
                     self.send_header("Location", page[1])
                     self.end_headers()
                 elif page is None:
                     self.send_error(404)
-                else:
+                elif kind == "drip":
                     self.send_response(200)
                     self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", str(len(page)))
                     self.end_headers()
-                    self.wfile.write(page)
+                    try:
+                        for byte in page[1]:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(page[2])
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the client gave up, as it should
+                else:
+                    content_type, body = page[1:] if kind == "typed" else ("image/png", page)
+                    self.send_response(200)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
 
             def log_message(self, *args):
                 pass

@@ -68,6 +68,7 @@ class Runtime:
                 max_bytes=settings.max_image_bytes,
                 max_pixels=settings.max_image_pixels,
                 fetch_timeout_s=settings.image_fetch_timeout_s,
+                allow_private_urls=settings.allow_private_urls,
             ),
             self.files,
         )

@@ -3,7 +3,8 @@
 An ``image`` field may be, checked in this order:
 
 1. a data URL (``data:image/png;base64,...``);
-2. an ``http://`` or ``https://`` URL, fetched with a byte cap and a timeout;
+2. an ``http://`` or ``https://`` URL, fetched with a byte cap and a time limit, from public
+   addresses only unless ``KIAPI_ALLOW_PRIVATE_URLS`` is set (``kiapi.runtime.fetch``);
 3. a Files API id (``file_...``), read from the file store;
 4. base64 (standard or URL-safe alphabet, padding optional);
 5. an absolute local path, accepted only under ``KIAPI_LOCAL_INPUT_ROOTS`` (none by default).
@@ -29,11 +30,11 @@ from urllib.parse import unquote_to_bytes
 from PIL import Image, UnidentifiedImageError
 
 from kiapi.runtime.errors import BadRequest, NotFound
+from kiapi.runtime.fetch import fetch_image_bytes, non_public
 from kiapi.runtime.files import FILE_ID_RE, FileStore
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_-]+={0,2}$")
 _WHITESPACE = re.compile(r"\s+")
-MAX_REDIRECTS = 5
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ImagePolicy:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 36_000_000
     fetch_timeout_s: float = 10.0
+    allow_private_urls: bool = False
 
 
 class ImageLoader:
@@ -80,32 +82,12 @@ class ImageLoader:
         return data
 
     def _fetch(self, url: str) -> bytes:
-        import httpx
-
-        limit = self.policy.max_bytes
-        try:
-            with (
-                httpx.Client(
-                    follow_redirects=True,
-                    max_redirects=MAX_REDIRECTS,
-                    timeout=self.policy.fetch_timeout_s,
-                ) as client,
-                client.stream("GET", url) as response,
-            ):
-                if response.status_code != 200:
-                    raise BadRequest(f"fetching the image URL gave HTTP {response.status_code}")
-                declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > limit:
-                    raise BadRequest(f"the image URL serves {declared} bytes, over {limit}")
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise BadRequest(f"the image URL serves more than {limit} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except httpx.HTTPError as exc:
-            raise BadRequest(f"could not fetch the image URL: {exc}") from None
+        return fetch_image_bytes(
+            url,
+            max_bytes=self.policy.max_bytes,
+            timeout_s=self.policy.fetch_timeout_s,
+            refuse=None if self.policy.allow_private_urls else non_public,
+        )
 
     def _file(self, file_id: str) -> bytes:
         try:

@@ -286,6 +286,7 @@ def vl_client(tmp_path_factory, tiny_qwen3_vl):
             warmup="vl",
             model_paths={"vl": tiny_qwen3_vl},
             local_input_roots=[root / "pictures"],
+            allow_private_urls=True,  # the image server is on loopback
         ) as c,
     ):
         wait_until(lambda: c.get("/health").json()["warm"])
@@ -350,6 +351,18 @@ def test_bad_images_are_400_with_the_reason(vl_client, image, fragment):
     r = c.post("/v1/embedding", json={"model": "vl", "image": image})
     assert r.status_code == 400 and fragment in r.json()["detail"], r.text
     assert len(c.get("/v1/jobs").json()["data"]) == before  # refused before a job was made
+
+
+def test_loopback_image_urls_are_refused_by_default(tmp_path, tiny_qwen3_vl):
+    with (
+        ImageServer({"/red.png": png_bytes()}) as server,
+        make_client(tmp_path, warmup="none", model_paths={"vl": tiny_qwen3_vl}) as c,
+    ):
+        r = c.post("/v1/embedding", json={"model": "vl", "image": server.url("/red.png")})
+        assert r.status_code == 400, r.text
+        assert "loopback" in r.json()["detail"]
+        assert "KIAPI_ALLOW_PRIVATE_URLS" in r.json()["hint"]
+        assert c.get("/v1/jobs").json()["data"] == []
 
 
 def test_local_paths_are_refused_by_default(tmp_path, tiny_qwen3_vl):

@@ -122,11 +122,18 @@ def image_server():
 
 
 def test_http_urls_are_fetched_with_a_cap(files, image_server):
-    assert loader(files).load(image_server.url("/cat.png")).size == (7, 7)
-    assert loader(files).load(image_server.url("/redirect")).size == (7, 7)
-    assert_bad(loader(files).load, image_server.url("/missing.png"), "HTTP 404")
-    assert_bad(loader(files, max_bytes=200).load, image_server.url("/big.png"), "over 200")
-    assert_bad(loader(files).load, "http://127.0.0.1:9/x.png", "could not fetch")
+    # The test server is on loopback, which only KIAPI_ALLOW_PRIVATE_URLS lets a URL reach.
+    allowed = {"allow_private_urls": True}
+    assert loader(files, **allowed).load(image_server.url("/cat.png")).size == (7, 7)
+    assert loader(files, **allowed).load(image_server.url("/redirect")).size == (7, 7)
+    assert_bad(loader(files, **allowed).load, image_server.url("/missing.png"), "HTTP 404")
+    big = image_server.url("/big.png")
+    assert_bad(loader(files, max_bytes=200, **allowed).load, big, "over 200")
+    assert_bad(loader(files, **allowed).load, "http://127.0.0.1:9/x.png", "could not fetch")
+
+
+def test_loopback_urls_are_refused_by_default(files, image_server):
+    assert_bad(loader(files).load, image_server.url("/cat.png"), "loopback", "127.0.0.1")
 
 
 def test_base64_decoder_rejects_non_base64():
