@@ -98,12 +98,16 @@ class ImageLoader:
             raise BadRequest(f"image refers to {file_id}, which is not in the Files API") from None
 
     def _local(self, value: str) -> bytes:
-        if not self.policy.local_roots:
-            raise BadRequest(
-                "local image paths are disabled: set KIAPI_LOCAL_INPUT_ROOTS to the folders "
-                "kiapi may read images from (separated by ':'), or send the image as base64, "
-                "a data URL, a URL or a file id"
-            )
+        """Read a local path only if its real location is under a root.
+
+        The path is resolved (``..`` and every symlink followed) and checked against the
+        resolved roots; the file is then opened without following a final symlink and the
+        *opened* file's location is checked again, so swapping a component for a symlink
+        between the check and the open cannot lead outside the roots.
+        """
+        roots = self._roots()
+        if "\x00" in value:
+            raise BadRequest("local image paths cannot contain NUL characters")
         path = Path(value).expanduser()
         if not path.is_absolute():
             raise BadRequest("local image paths must be absolute")
@@ -111,24 +115,55 @@ class ImageLoader:
             resolved = path.resolve(strict=True)
         except (OSError, RuntimeError):
             raise BadRequest(f"no readable file at {value}") from None
-        roots = [root.resolve() for root in self.policy.local_roots]
-        if not any(resolved.is_relative_to(root) for root in roots):
+        if not under_any(resolved, roots):
             raise BadRequest(
                 f"{value} is outside KIAPI_LOCAL_INPUT_ROOTS ({', '.join(map(str, roots))})"
             )
-        return self._read_file(resolved, value)
+        return self._read_file(resolved, value, roots)
 
-    def _read_file(self, path: Path, what: str) -> bytes:
+    def _roots(self) -> list[Path]:
+        if not self.policy.local_roots:
+            raise BadRequest(
+                "local image paths are disabled: set KIAPI_LOCAL_INPUT_ROOTS to the folders "
+                "kiapi may read images from (separated by ':'), or send the image as base64, "
+                "a data URL, a URL or a file id"
+            )
+        return [root.resolve() for root in self.policy.local_roots]
+
+    def _read_file(self, path: Path, what: str, roots: list[Path] | None = None) -> bytes:
+        """Read a regular file, capped; ``roots``: the opened file must lie under one.
+
+        O_NONBLOCK: opening a FIFO must not wait for a writer (it is then refused as not a
+        regular file); it changes nothing for regular files.
+        """
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(path, flags)
         except OSError:
             raise BadRequest(f"no readable file at {what}") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BadRequest(f"{what} is not a regular file")
+            opened = opened_path(fd)
+            if roots is not None and opened is not None and not under_any(opened, roots):
+                raise BadRequest(f"{what} is outside KIAPI_LOCAL_INPUT_ROOTS")
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read(self.policy.max_bytes + 1)
+        finally:
             os.close(fd)
-            raise BadRequest(f"{what} is not a regular file")
-        with os.fdopen(fd, "rb") as fh:
-            data = fh.read(self.policy.max_bytes + 1)
         return self._cap(data, what)
+
+
+def under_any(path: Path, roots: list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def opened_path(fd: int) -> Path | None:
+    """Where an open file really is (Linux ``/proc``); None where that cannot be known."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
 
 
 def data_url_bytes(value: str) -> bytes:

@@ -87,6 +87,37 @@ def test_local_paths_are_refused_unless_under_a_root(files, tmp_path):
     assert_bad(allowed.load, str(root), "not a regular file")
 
 
+def test_hard_to_spot_escapes_stay_inside_the_roots(files, tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True), outside.mkdir()
+    (outside / "secret.png").write_bytes(png())
+    os.symlink(outside, root / "sub" / "dirlink")  # a directory symlink mid-path
+    os.symlink(root / "sub" / "dirlink" / "secret.png", root / "chain.png")  # a chain
+    os.mkfifo(root / "pipe.png")  # opening must not hang waiting for a writer
+    allowed = loader(files, local_roots=(root,)).load
+    for escape, fragment in (
+        (str(root / "sub" / "dirlink" / "secret.png"), "outside KIAPI_LOCAL_INPUT_ROOTS"),
+        (str(root / "chain.png"), "outside KIAPI_LOCAL_INPUT_ROOTS"),
+        (f"{root}//sub/..//..//outside/./secret.png", "outside KIAPI_LOCAL_INPUT_ROOTS"),
+        ("~/../../../../etc/hostname", "outside KIAPI_LOCAL_INPUT_ROOTS"),
+        (f"{root}/ok.png\x00../../outside/secret.png", "NUL"),
+        (str(root / "pipe.png"), "not a regular file"),
+    ):
+        assert_bad(allowed, escape, fragment)
+
+
+def test_the_opened_file_is_checked_not_only_the_resolved_path(files, tmp_path):
+    """What a symlink swapped in between the check and the open would lead to is refused:
+    the location of the opened file itself must be under a root."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    (outside / "secret.png").write_bytes(png())
+    image_loader = loader(files, local_roots=(root,))
+    with pytest.raises(BadRequest, match="outside KIAPI_LOCAL_INPUT_ROOTS"):
+        image_loader._read_file(outside / "secret.png", "swapped", [root.resolve()])
+    assert image_loader._read_file(outside / "secret.png", "unchecked") == png()
+
+
 def test_garbage_is_a_400_with_the_reason(files):
     load = loader(files).load
     assert_bad(load, "hello world", "could not be decoded", "PNG, JPEG")  # valid base64 though
