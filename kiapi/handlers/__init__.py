@@ -11,3 +11,14 @@ from kiapi.runtime.core import Runtime
 def runtime() -> Runtime:
     """The process's runtime, from the lifespan state of the current request."""
     return request.state.runtime
+
+
+async def client_disconnected() -> None:
+    """Return once the client of the current request has disconnected.
+
+    Only for a request whose body has been read (validation reads it before the handler runs):
+    it consumes the connection's remaining messages, and the next one is the disconnect.
+    """
+    receive = request.receive
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -6,7 +6,7 @@ import time
 
 from starlette.concurrency import run_in_threadpool
 
-from kiapi.handlers import runtime
+from kiapi.handlers import client_disconnected, runtime
 from kiapi.runtime.catalog import EMBEDDING
 from kiapi.runtime.embedding import EmbeddingItem, embedding_job, parse_request
 
@@ -21,7 +21,10 @@ async def embedding_v1_embedding_post(body: dict):
         image = await run_in_threadpool(rt.images.load, request.image)
     item = EmbeddingItem(text=request.text, image=image)
     output = await rt.run_sync(
-        EMBEDDING, request.params(), embedding_job(rt.memory, request.spec, item, received)
+        EMBEDDING,
+        request.params(),
+        embedding_job(rt.memory, request.spec, item, received),
+        client_gone=client_disconnected,
     )
     return output.result
 

@@ -11,13 +11,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from asyncio import FIRST_COMPLETED
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kiapi.config import Settings
 from kiapi.runtime import blas
 from kiapi.runtime.catalog import EMBEDDING, default_registry
-from kiapi.runtime.errors import SyncTimeout
+from kiapi.runtime.errors import ClientGone, SyncTimeout
 from kiapi.runtime.files import FileStore
 from kiapi.runtime.images import ImageLoader, ImagePolicy
 from kiapi.runtime.jobs import RUNNING, Job, JobStore
@@ -26,6 +27,12 @@ from kiapi.runtime.registry import LoadedModel, ModelSpec, Registry
 from kiapi.runtime.worker import BatchPolicy, JobBody, JobOutput, Worker
 
 log = logging.getLogger(__name__)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark an abandoned future's outcome as seen (else asyncio logs it as never retrieved)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class Runtime:
@@ -144,20 +151,45 @@ class Runtime:
         self.worker.submit(job, body)
         return job
 
-    async def run_sync(self, job_type: str, params: dict[str, Any], body: JobBody) -> JobOutput:
+    async def run_sync(
+        self,
+        job_type: str,
+        params: dict[str, Any],
+        body: JobBody,
+        *,
+        client_gone: Callable[[], Awaitable[None]] | None = None,
+    ) -> JobOutput:
         """Submit a job and wait for it up to ``sync_timeout_s``.
 
-        On timeout raises :class:`SyncTimeout` naming the job, which keeps running. A caller
-        that goes away (cancellation) leaves the job running too: ``asyncio.wait`` never
-        cancels what it waits for.
+        On timeout raises :class:`SyncTimeout` naming the job, which keeps running.
+        ``client_gone()`` completes when the caller has disconnected: a job still queued then is
+        canceled (no one will read it; it frees the queue) and a running one finishes into its
+        record; :class:`ClientGone` is raised either way. ``asyncio.wait`` never cancels what it
+        waits for, so a caller's own cancellation leaves the job running too.
         """
         job = self.submit(job_type, params, body)
-        timeout = self.settings.sync_timeout_s
         result = asyncio.wrap_future(job.future)
-        done, _ = await asyncio.wait((result,), timeout=timeout)
-        if not done:
-            raise SyncTimeout(job.id, timeout)
-        return result.result()
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        try:
+            waiting = {result} if gone is None else {result, gone}
+            done, _ = await asyncio.wait(
+                waiting, timeout=self.settings.sync_timeout_s, return_when=FIRST_COMPLETED
+            )
+        finally:
+            if gone is not None:
+                gone.cancel()
+        if result in done:
+            return result.result()
+        if gone is not None and gone in done:
+            result.add_done_callback(_retrieve)  # nobody awaits it any more
+            canceled = self.worker.cancel(job)
+            log.info(
+                "client left while waiting for %s (%s)",
+                job.id,
+                "canceled" if canceled else "finishing",
+            )
+            raise ClientGone(job.id)
+        raise SyncTimeout(job.id, self.settings.sync_timeout_s)
 
     def delete_job(self, job_id: str) -> dict[str, Any]:
         """Forget a job record; a queued job is canceled, a running one keeps running."""

@@ -115,6 +115,17 @@ class Overloaded(Unavailable):
     """The worker queue is full."""
 
 
+class ClientGone(KiapiError):
+    """The client disconnected while waiting for its job. No one receives this answer; 499 (the
+    status nginx logs for it) marks it in logs. A queued job is canceled, a running one ends in
+    its record."""
+
+    status = 499
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"the client disconnected while waiting for {job_id}", job_id=job_id)
+
+
 class SyncTimeout(KiapiError):
     """A sync request waited longer than the sync timeout; the job keeps running."""
 
