@@ -20,11 +20,29 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not settings.token and not is_loopback(args.host):
+        logging.getLogger("kiapi").warning(
+            "serving on %s without KIAPI_AUTH_TOKEN: anyone who can reach this address can use "
+            "every endpoint (see SECURITY.md)",
+            args.host,
+        )
     app = create_app(settings)
     # lifespan="on": a missing handler or a failing start-up stops the server instead of
     # surfacing at the first request.
     uvicorn.run(app, host=args.host, port=args.port, lifespan="on", log_level=settings.log_level)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (a bind address or name) only listens on this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -118,3 +118,24 @@ def test_warmup_setting_is_resolved_at_start_up(tmp_path):
     ]
     with pytest.raises(ValueError, match="KIAPI_WARMUP names unknown model 'nope'"):
         runtime(warmup="nope")
+
+
+def test_auth_token_and_body_limit_settings(monkeypatch):
+    from kiapi.config import Settings
+
+    assert Settings(_env_file=None).token is None
+    assert Settings(_env_file=None, auth_token="").token is None
+    monkeypatch.setenv("KIAPI_AUTH_TOKEN", "s3cret")
+    monkeypatch.setenv("KIAPI_MAX_BODY_MB", "2")
+    settings = Settings(_env_file=None)
+    assert settings.token == "s3cret" and "s3cret" not in repr(settings)
+    assert settings.max_body_bytes == 2 * 1024 * 1024
+
+
+def test_serve_warns_only_off_loopback_without_a_token():
+    from kiapi.cli import is_loopback
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.com"):
+        assert not is_loopback(host), host
