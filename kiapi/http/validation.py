@@ -9,6 +9,7 @@ FastAPI shape). These subclasses plug into Connexion's ``validator_map`` and rai
 from __future__ import annotations
 
 import json
+import re
 import typing as t
 
 from connexion.datastructures import MediaTypeDict
@@ -120,6 +121,27 @@ def validator_for(schema: dict, cls: type[Draft4Validator] = Draft4Validator) ->
     return cached[1]
 
 
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogates(value: t.Any, loc: tuple = ()) -> t.Iterator[list[t.Any]]:
+    """The location of every string in a parsed JSON value (keys included) that holds a lone
+    surrogate: JSON's ``\\ud800`` escapes parse to Python strings no UTF-8 encoder (tokenizer,
+    file system, log) accepts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            yield list(loc)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from lone_surrogates(key, loc)
+            yield from lone_surrogates(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from lone_surrogates(item, (*loc, index))
+
+
 class ContractJSONBodyValidator(JSONRequestBodyValidator):
     @property
     def _validator(self):
@@ -135,7 +157,11 @@ class ContractJSONBodyValidator(JSONRequestBodyValidator):
         if not raw:
             return None
         try:
-            return json.loads(raw.decode(self._encoding))
+            body = json.loads(raw.decode(self._encoding))
+        except RecursionError:
+            raise RequestInvalid(
+                [{"loc": ["body"], "msg": "JSON nested too deeply", "type": "json_invalid"}]
+            ) from None
         except (UnicodeDecodeError, LookupError) as exc:
             raise RequestInvalid(
                 [
@@ -156,6 +182,19 @@ class ContractJSONBodyValidator(JSONRequestBodyValidator):
                     }
                 ]
             ) from None
+
+        if _ESCAPED_SURROGATE.search(raw):
+            errors = [
+                {
+                    "loc": ["body", *loc],
+                    "msg": "lone surrogate: not valid Unicode text",
+                    "type": "string_unicode",
+                }
+                for loc in lone_surrogates(body)
+            ]
+            if errors:
+                raise RequestInvalid(errors)
+        return body
 
     def _validate(self, body: t.Any) -> None:
         if body is None:

@@ -214,3 +214,30 @@ def test_uploads_are_governed_by_the_upload_cap_not_the_body_limit(small_body_cl
     r = small_body_client.post("/v1/files", files={"file": ("big.bin", b"z" * 8192)})
     assert r.status_code == 200, r.text
     assert r.json()["size"] == 8192
+
+
+def test_deeply_nested_json_is_422_not_a_crash(client):
+    body = '{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = client.post("/v1/embedding", content=body, headers={"content-type": "application/json"})
+    assert_validation_error(r, ["body"])
+    assert "nested too deeply" in r.json()["detail"][0]["msg"]
+
+
+def test_lone_surrogates_are_422_where_they_are(client):
+    r = client.post(
+        "/v1/embedding",
+        content=b'{"text": "ok \\ud800 then", "extra": {"\\udfff": 1}}',
+        headers={"content-type": "application/json"},
+    )
+    assert_validation_error(r, ["body", "text"])
+    assert {tuple(e["loc"]) for e in r.json()["detail"]} == {("body", "text"), ("body", "extra")}
+    assert {e["type"] for e in r.json()["detail"]} == {"string_unicode"}
+
+
+def test_surrogate_pairs_are_just_text(client):
+    r = client.post(
+        "/v1/embedding",
+        content=b'{"text": "\\ud83d\\ude00 \\\\ud800", "model": "no-such-model"}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400 and "no-such-model" in r.json()["detail"], r.text  # validated
