@@ -23,6 +23,7 @@ import io
 import os
 import re
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
@@ -32,6 +33,10 @@ from PIL import Image, UnidentifiedImageError
 from kiapi.runtime.errors import BadRequest, NotFound
 from kiapi.runtime.fetch import fetch_image_bytes, non_public
 from kiapi.runtime.files import FILE_ID_RE, FileStore
+
+# decode_image refuses more than KIAPI_MAX_IMAGE_PIXELS from the header; Pillow's own warning
+# for sizes between its two bomb thresholds would only repeat that, once per such image.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _BASE64_RE = re.compile(r"^[A-Za-z0-9+/_-]+={0,2}$")
 _WHITESPACE = re.compile(r"\s+")

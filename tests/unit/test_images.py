@@ -171,3 +171,35 @@ def test_base64_decoder_rejects_non_base64():
     assert base64_bytes("aGVsbG8") == b"hello"
     for value in ("", "a", "héllo", "abc$", "/etc/passwd."):
         assert base64_bytes(value) is None
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header declaring ``width`` x ``height`` pixels, with a few bytes of data:
+    what a decompression bomb looks like before it is inflated."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_decompression_bombs_are_refused_from_the_header(files):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # 300 MB of RGB: over KIAPI_MAX_IMAGE_PIXELS, under Pillow's own bomb threshold
+    bomb = base64.b64encode(png_claiming(10_000, 10_000)).decode()
+    assert_bad(loader(files).load, bomb, "10000x10000 pixels", "over the limit")
+    # 30 GB of RGB: Pillow refuses it as it reads the header
+    bomb = base64.b64encode(png_claiming(100_000, 100_000)).decode()
+    assert_bad(loader(files).load, bomb, "pixels", "decompression bomb")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
