@@ -175,7 +175,8 @@ class FileStore:
         removed = 0
         for path in self.root.iterdir():
             temp = path.name.startswith(TMP_PREFIX)
-            orphan = path.suffix == ".bin" and not path.with_suffix(".json").exists()
+            partner = path.with_suffix(".json" if path.suffix == ".bin" else ".bin")
+            orphan = path.suffix in (".bin", ".json") and not partner.exists()
             if temp or orphan:
                 path.unlink(missing_ok=True)
                 removed += 1
@@ -211,6 +212,7 @@ class FileStore:
 
     def _publish(self, tmp: Path, record: FileRecord) -> None:
         os.replace(tmp, self.root / f"{record.file_id}.bin")
+        _fsync_dir(self.root)  # the bytes' name is durable before the sidecar can be
         _write_json_atomically(self.root / f"{record.file_id}.json", record.to_dict())
         _fsync_dir(self.root)
         with self._lock:

@@ -63,7 +63,8 @@ def test_open_removes_crash_leftovers(tmp_path):
     reopened = FileStore(tmp_path, max_upload_bytes=100).open()
     assert [r.file_id for r in reopened.list()] == [kept.file_id]
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert ".tmp-abc123" not in names and "file_00112233445566778899aabb.bin" not in names
+    # Every leftover is gone, the sidecar without bytes too (a rename lost to a power cut).
+    assert names == [f"{kept.file_id}.bin", f"{kept.file_id}.json"]
 
 
 def test_delete_removes_record_and_bytes(store):
