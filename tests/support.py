@@ -36,6 +36,29 @@ class LiveServer:
         self.thread.join(10)
 
 
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def hold_the_worker(runtime) -> threading.Event:
+    """Run a job that blocks ``runtime``'s worker until the returned event is set."""
+    from kiapi.runtime.worker import JobOutput
+
+    started, release = threading.Event(), threading.Event()
+
+    def blocker():
+        started.set()
+        assert release.wait(60)
+        return JobOutput(result={})
+
+    runtime.submit("test-hold", {}, blocker)
+    assert started.wait(10)
+    return release
+
+
 class FakeClock:
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now

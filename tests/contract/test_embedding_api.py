@@ -5,8 +5,6 @@ through KIAPI_MODEL_PATHS exactly as users point kiapi at downloaded weights."""
 import base64
 import json
 import logging
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,9 +14,14 @@ from starlette.testclient import TestClient
 
 from kiapi.app import create_app
 from kiapi.config import Settings
-from kiapi.runtime.worker import JobOutput
 from tests import tiny_models
-from tests.support import ImageServer, assert_matches_schema, png_bytes
+from tests.support import (
+    ImageServer,
+    assert_matches_schema,
+    hold_the_worker,
+    png_bytes,
+    wait_until,
+)
 
 REFERENCE = json.loads(
     (Path(__file__).parent.parent / "fixtures" / "minilm_reference.json").read_text("utf-8")
@@ -36,13 +39,6 @@ def make_client(tmp_path, **overrides) -> TestClient:
         _env_file=None, files_root=tmp_path / "files", memory_limit_gb=4.0, **overrides
     )
     return TestClient(create_app(settings))
-
-
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -195,24 +191,9 @@ def test_sync_timeout_504_names_the_job_whose_result_stays_readable(tmp_path):
         assert cosine(result["embedding"], SHORT["vector"]) >= 0.9999
 
 
-def hold_the_worker(client):
-    """Queue a job that blocks the worker until the returned event is set."""
-    runtime = client.app_state["runtime"]
-    started, release = threading.Event(), threading.Event()
-
-    def blocker():
-        started.set()
-        assert release.wait(30)
-        return JobOutput(result={})
-
-    runtime.submit("test-hold", {}, blocker)
-    assert started.wait(10)
-    return release
-
-
 def test_concurrent_requests_share_a_forward_pass_and_keep_their_own_results(client):
     texts = [ref["text"] for ref in REFERENCE["items"]]
-    release = hold_the_worker(client)
+    release = hold_the_worker(client.app_state["runtime"])
     with ThreadPoolExecutor(len(texts)) as pool:
         futures = [pool.submit(embed, client, text=text) for text in texts]
         runtime = client.app_state["runtime"]
@@ -231,7 +212,7 @@ def test_concurrent_requests_share_a_forward_pass_and_keep_their_own_results(cli
 def test_batching_can_be_turned_off(tmp_path):
     with make_client(tmp_path, batch_max_items=1) as c:
         wait_until(lambda: c.get("/health").json()["warm"])
-        release = hold_the_worker(c)
+        release = hold_the_worker(c.app_state["runtime"])
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(embed, c, text=f"text {i}") for i in range(4)]
             wait_until(lambda: c.app_state["runtime"].worker.queue_len() == 4)

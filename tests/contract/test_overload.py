@@ -5,8 +5,6 @@ behind and does not hold the worker."""
 
 import json
 import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,17 +14,9 @@ from kiapi.app import create_app
 from kiapi.config import Settings
 from kiapi.runtime.core import Runtime
 from kiapi.runtime.jobs import CANCELED, QUEUED
-from kiapi.runtime.worker import JobOutput
-from tests.support import LiveServer
+from tests.support import LiveServer, hold_the_worker, wait_until
 
 MAX_QUEUE = 4
-
-
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +37,6 @@ def live(tmp_path_factory):
     with LiveServer(create_app(settings, runtime_factory=runtime_factory)) as server:
         wait_until(lambda: httpx.get(f"{server.url}/health").json()["warm"])
         yield server, made[0]
-
-
-def hold_the_worker(runtime):
-    started, release = threading.Event(), threading.Event()
-
-    def blocker():
-        started.set()
-        assert release.wait(60)
-        return JobOutput(result={})
-
-    runtime.submit("test-hold", {}, blocker)
-    assert started.wait(10)
-    return release
 
 
 def embedding_jobs(runtime, status=None):
