@@ -73,7 +73,7 @@ def add_only_merge(base: Any, extra: Any, _where: str = "$") -> Any:
                 add_only_merge(base[key], value, where) if key in base else copy.deepcopy(value)
             )
         return merged
-    if base != extra:
+    if base != extra or type(base) is not type(extra):  # True == 1, yet not the same value
         raise SpecAdditionConflict(f"additions would change {_where}: {base!r} -> {extra!r}")
     return copy.deepcopy(base)
 
@@ -216,25 +216,40 @@ def to_openapi_30(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _schemas(spec: dict[str, Any]):
     """Yield every top-level schema object of ``spec`` (nested ones are reached recursively)."""
-    yield from spec.get("components", {}).get("schemas", {}).values()
+    components = spec.get("components", {})
+    yield from components.get("schemas", {}).values()
     for name in ("parameters", "headers"):
-        for obj in spec.get("components", {}).get(name, {}).values():
+        for obj in components.get(name, {}).values():
             if "schema" in obj:
                 yield obj["schema"]
+    for body in components.get("requestBodies", {}).values():
+        yield from _content_schemas(body)
+    for response in components.get("responses", {}).values():
+        yield from _response_schemas(response)
+    for item in spec.get("paths", {}).values():
+        for param in item.get("parameters", []):  # shared by the path's operations
+            if "schema" in param:
+                yield param["schema"]
     for _method, _path, op in operations(spec):
         for param in op.get("parameters", []):
             if "schema" in param:
                 yield param["schema"]
-        for media in op.get("requestBody", {}).get("content", {}).values():
-            if "schema" in media:
-                yield media["schema"]
+        yield from _content_schemas(op.get("requestBody", {}))
         for response in op.get("responses", {}).values():
-            for media in response.get("content", {}).values():
-                if "schema" in media:
-                    yield media["schema"]
-            for header in response.get("headers", {}).values():
-                if "schema" in header:
-                    yield header["schema"]
+            yield from _response_schemas(response)
+
+
+def _content_schemas(obj: dict[str, Any]):
+    for media in obj.get("content", {}).values():
+        if "schema" in media:
+            yield media["schema"]
+
+
+def _response_schemas(response: dict[str, Any]):
+    yield from _content_schemas(response)
+    for header in response.get("headers", {}).values():
+        if "schema" in header:
+            yield header["schema"]
 
 
 _SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
@@ -286,9 +301,18 @@ def _convert_schema_in_place(schema: Any) -> None:
             schema["nullable"] = True
         if len(kinds) == 1:
             schema["type"] = kinds[0]
+        elif not kinds:  # ["null"]: only null
+            del schema["type"]
+            schema["enum"] = [None]
         else:
             del schema["type"]
-            schema["anyOf"] = [{"type": t} for t in kinds]
+            alternatives: list[dict[str, Any]] = [{"type": t} for t in kinds]
+            if len(kinds) < len(type_):  # null among the alternatives, where nullable reaches
+                alternatives.append({"nullable": True, "enum": [None]})
+            if "anyOf" in schema:  # keep both: the value must match one of each list
+                schema["allOf"] = [*schema.get("allOf", []), {"anyOf": alternatives}]
+            else:
+                schema["anyOf"] = alternatives
     elif type_ == "null":
         del schema["type"]
         schema["nullable"] = True

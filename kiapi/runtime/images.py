@@ -113,7 +113,10 @@ class ImageLoader:
         roots = self._roots()
         if "\x00" in value:
             raise BadRequest("local image paths cannot contain NUL characters")
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # ~user of no known user
+            raise BadRequest(f"no readable file at {value}") from None
         if not path.is_absolute():
             raise BadRequest("local image paths must be absolute")
         try:

@@ -174,3 +174,10 @@ def test_connexion_accepts_the_converted_specs():
     for source in SPEC_SOURCES:
         spec = Specification.load(to_openapi_30(load_served(source.name)))  # validates
         assert spec.version == (3, 0, 3)
+
+
+def test_additions_cannot_swap_a_value_for_an_equal_one_of_another_type():
+    with pytest.raises(SpecAdditionConflict):
+        add_only_merge({"a": True}, {"a": 1})
+    with pytest.raises(SpecAdditionConflict):
+        add_only_merge({"a": 1}, {"a": 1.0})
