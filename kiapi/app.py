@@ -52,13 +52,14 @@ MIDDLEWARES = [
 ]
 
 
-def middlewares(settings: Settings) -> list:
+def middlewares(settings: Settings, doc_paths: list[str]) -> list:
     """:data:`MIDDLEWARES` with kiapi's guards just inside the exception middleware (what they
     raise is mapped like any error): the bearer token first, so an anonymous body is never
-    read, then the body limit."""
+    read, then the body limit. ``doc_paths``: the documentation routes, public like
+    :data:`PUBLIC_PATHS`."""
     guards: list = []
     if settings.token:
-        public = frozenset(PUBLIC_PATHS | {path for path, _view in doc_routes()})
+        public = frozenset(PUBLIC_PATHS | set(doc_paths))
         guards.append(partial(BearerAuth, token=settings.token, is_public=public_path(public)))
     uploads = multipart_paths()
     guards.append(
@@ -101,12 +102,13 @@ def create_app(
         finally:
             runtime.stop()
 
+    docs = doc_routes(auth=bool(settings.token))
     app = AsyncApp(
         "kiapi",
         lifespan=lifespan,
         validator_map=VALIDATOR_MAP,
         jsonifier=OrjsonJsonifier(),
-        middlewares=middlewares(settings),
+        middlewares=middlewares(settings, [path for path, _view in docs]),
         # We serve each spec's docs ourselves: Connexion would serve the 3.0 conversion, and two
         # APIs on one base path hide each other's docs.
         swagger_ui_options=SwaggerUIOptions(serve_spec=False, swagger_ui=False),
@@ -117,7 +119,7 @@ def create_app(
             name=source.name,
             resolver=RelativeResolver(source.handler_module),
         )
-    for path, view in doc_routes(auth=bool(settings.token)):
+    for path, view in docs:
         app.add_url_rule(path, endpoint=path, view_func=view, methods=["GET"])
     install_error_handlers(app)
     return app

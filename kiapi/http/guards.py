@@ -12,7 +12,6 @@ import hmac
 from collections.abc import Callable
 
 from starlette.datastructures import Headers
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiapi.runtime.errors import PayloadTooLarge, Unauthorized
@@ -74,16 +73,19 @@ class BodyLimit:
             await self.app(scope, receive, send)
         elif "chunked" in headers.get("transfer-encoding", "").lower():
             body = await self._read_chunked(receive)
+            if body is None:
+                return  # the client went away mid-body: no one to answer
             await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
         else:
             await self.app(scope, receive, send)
 
-    async def _read_chunked(self, receive: Receive) -> bytes:
+    async def _read_chunked(self, receive: Receive) -> bytes | None:
+        """The whole body, or None if the client disconnects first."""
         chunks, size = [], 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                raise ClientDisconnect()
+            if message["type"] != "http.request":
+                return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
