@@ -27,6 +27,7 @@ from kiapi.http.errors import install_error_handlers
 from kiapi.http.guards import BearerAuth, BodyLimit
 from kiapi.http.jsonifier import OrjsonJsonifier
 from kiapi.http.multipart import is_multipart
+from kiapi.http.quiet import ReleaseWhenQuiet
 from kiapi.http.validation import VALIDATOR_MAP
 from kiapi.runtime.core import Runtime
 from kiapi.specs import (
@@ -55,8 +56,8 @@ MIDDLEWARES = [
 def middlewares(settings: Settings, doc_paths: list[str]) -> list:
     """:data:`MIDDLEWARES` with kiapi's guards just inside the exception middleware (what they
     raise is mapped like any error): the bearer token first, so an anonymous body is never
-    read, then the body limit. ``doc_paths``: the documentation routes, public like
-    :data:`PUBLIC_PATHS`."""
+    read, then the body limit. Outermost, :class:`ReleaseWhenQuiet` sees every request.
+    ``doc_paths``: the documentation routes, public like :data:`PUBLIC_PATHS`."""
     guards: list = []
     if settings.token:
         public = frozenset(PUBLIC_PATHS | set(doc_paths))
@@ -70,7 +71,7 @@ def middlewares(settings: Settings, doc_paths: list[str]) -> list:
         )
     )
     position = MIDDLEWARES.index(ExceptionMiddleware) + 1
-    return MIDDLEWARES[:position] + guards + MIDDLEWARES[position:]
+    return [ReleaseWhenQuiet, *MIDDLEWARES[:position], *guards, *MIDDLEWARES[position:]]
 
 
 def public_path(public: frozenset[str]):

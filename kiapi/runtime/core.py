@@ -23,6 +23,7 @@ from kiapi.runtime.files import FileStore
 from kiapi.runtime.images import ImageLoader, ImagePolicy
 from kiapi.runtime.jobs import RUNNING, Job, JobStore
 from kiapi.runtime.memory import MemoryManager, load_with_spec_loader
+from kiapi.runtime.mlx_engine import release_idle_memory
 from kiapi.runtime.registry import LoadedModel, ModelSpec, Registry
 from kiapi.runtime.worker import BatchPolicy, JobBody, JobOutput, Worker
 
@@ -62,6 +63,7 @@ class Runtime:
             max_queue=settings.max_queue,
             idle_interval_s=settings.ttl_sweep_s,
             on_idle=self.memory.sweep,
+            on_quiet=release_idle_memory,
             batch=BatchPolicy(
                 settings.batch_max_items,
                 settings.batch_max_tokens,

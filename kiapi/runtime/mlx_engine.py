@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kiapi.runtime import blas
+from kiapi.runtime import blas, heap
 from kiapi.runtime.embedding import EmbeddingItem, EmbeddingVector
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json, weight_files
@@ -246,22 +246,20 @@ def release_memory(padded_tokens: int) -> None:
     mx = import_mlx()
     if mx.get_cache_memory() > KEPT_CACHE_BYTES:
         mx.clear_cache()
-    if padded_tokens >= TRIM_HEAP_TOKENS and _malloc_trim is not None:
-        _malloc_trim(0)
+    if padded_tokens >= TRIM_HEAP_TOKENS:
+        heap.trim()
 
 
-def _find_malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return getattr(libc, "malloc_trim", None)  # glibc only
-
-
-_malloc_trim = _find_malloc_trim() if sys.platform.startswith("linux") else None
+def release_idle_memory() -> None:
+    """Worker thread, once the queue has gone quiet: hand back all of MLX's cached buffers and
+    glibc's free heap pages, so a server at rest holds only its live memory. Between busy
+    periods the cache would otherwise keep up to ``KEPT_CACHE_BYTES`` and the heap the
+    high-water mark of the last burst (request bodies, uploads, vectors). MLX is not imported
+    for this: a server that never embedded has no MLX memory to give back."""
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:
+        mx.clear_cache()
+    heap.trim()
 
 
 PADDING_SLACK = 0.25  # a length group may pad up to 25% of its real tokens ...

@@ -11,6 +11,9 @@ Invariants:
   message and the waiter gets the exception.
 * When no job arrives for ``idle_interval_s`` the ``on_idle`` hook runs on the worker thread
   (the memory manager's TTL sweep).
+* Once the queue has been empty for ``quiet_after_s`` after some work, the ``on_quiet`` hook
+  runs on the worker thread, once per busy period (the engine hands back cached buffers and
+  free heap pages, so a server at rest holds only its live memory).
 * Batching: when the job taken is :class:`Batchable`, the worker also takes every queued job
   with the same ``key`` (in queue order, wherever they wait) up to ``batch.max_items`` jobs and
   ``batch.max_cost`` summed cost, and runs them in one ``run_batch`` call. A batch is what is
@@ -93,6 +96,8 @@ class Worker:
         max_queue: int,
         idle_interval_s: float = 30.0,
         on_idle: Callable[[], None] | None = None,
+        quiet_after_s: float = 1.0,
+        on_quiet: Callable[[], None] | None = None,
         batch: BatchPolicy | None = None,
     ) -> None:
         if max_queue < 1:
@@ -101,6 +106,9 @@ class Worker:
         self._max_queue = max_queue
         self._idle_interval_s = idle_interval_s
         self._on_idle = on_idle
+        self._quiet_after_s = quiet_after_s
+        self._on_quiet = on_quiet
+        self._worked = False  # jobs ran since on_quiet last ran (worker thread only)
         self._batch = batch or BatchPolicy()
         self._queue: deque[tuple[Job, JobBody]] = deque()
         self._cond = threading.Condition()
@@ -169,9 +177,10 @@ class Worker:
 
     # -- worker thread --------------------------------------------------------------------
     def _next(self) -> list[tuple[Job, JobBody]] | None:
-        """Block until a job is queued (running the idle hook on quiet intervals); return it
-        with the queued jobs that share its batch."""
+        """Block until a job is queued (running the quiet and idle hooks while it waits);
+        return it with the queued jobs that share its batch."""
         while True:
+            quieting = self._worked and self._on_quiet is not None
             with self._cond:
                 if self._stopping:
                     return None
@@ -180,10 +189,17 @@ class Worker:
                     self._wait_for_batch_mates(first[1])
                     batch = [first, *self._take_batch_mates(first[1])]
                     self._last_batch = len(batch)
+                    self._worked = True
                     return batch
-                notified = self._cond.wait(self._idle_interval_s)
-            if not notified:
-                self._idle()
+                wait = self._quiet_after_s if quieting else self._idle_interval_s
+                notified = self._cond.wait(wait)
+            if notified:
+                continue
+            if quieting:
+                self._worked = False
+                self._hook(self._on_quiet, "quiet")
+            else:
+                self._hook(self._on_idle, "idle")
 
     def _wait_for_batch_mates(self, body: JobBody) -> None:
         """Under concurrent load (the previous batch had several jobs), give the clients of
@@ -222,13 +238,14 @@ class Worker:
         self._queue = kept
         return mates
 
-    def _idle(self) -> None:
-        if self._on_idle is None:
+    @staticmethod
+    def _hook(hook: Callable[[], None] | None, name: str) -> None:
+        if hook is None:
             return
         try:
-            self._on_idle()
-        except Exception:  # the idle hook must never kill the worker
-            log.exception("worker idle hook failed")
+            hook()
+        except Exception:  # a hook must never kill the worker
+            log.exception("worker %s hook failed", name)
 
     def _start(self, job: Job) -> bool:
         """Queued -> running; False (and nothing to run) if it was canceled meanwhile."""

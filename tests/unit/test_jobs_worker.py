@@ -6,14 +6,7 @@ import pytest
 from kiapi.runtime.errors import BadRequest, JobCanceled, NotFound, Overloaded
 from kiapi.runtime.jobs import JobStore, redact_params, report_progress
 from kiapi.runtime.worker import Batchable, BatchPolicy, JobOutput, Worker
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.005)
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -182,6 +175,45 @@ def test_idle_hook_runs_on_the_worker_thread(store):
     wait_until(lambda: len(calls) >= 2)
     w.stop()
     assert set(calls) == {"kiapi-worker"}
+
+
+def test_quiet_hook_runs_once_per_busy_period_on_the_worker_thread(store):
+    quiet = []
+    w = Worker(
+        store,
+        max_queue=4,
+        quiet_after_s=0.02,
+        idle_interval_s=30,
+        on_quiet=lambda: quiet.append(threading.current_thread().name),
+    )
+    w.start()
+    try:
+        time.sleep(0.1)
+        assert quiet == []  # no work yet: nothing to hand back
+        for _ in range(3):
+            w.submit(store.create("t", {}), lambda: JobOutput(result={})).result(5)
+        wait_until(lambda: len(quiet) == 1)
+        time.sleep(0.1)
+        assert quiet == ["kiapi-worker"]  # once, not every quiet interval
+        w.submit(store.create("t", {}), lambda: JobOutput(result={})).result(5)
+        wait_until(lambda: len(quiet) == 2)
+    finally:
+        w.stop()
+
+
+def test_a_failing_hook_does_not_stop_the_worker(store):
+    def broken():
+        raise RuntimeError("hook bug")
+
+    w = Worker(store, max_queue=4, quiet_after_s=0.01, on_quiet=broken)
+    w.start()
+    try:
+        for _ in range(2):
+            w.submit(store.create("t", {}), lambda: JobOutput(result={})).result(5)
+            time.sleep(0.05)  # the hook has failed in between
+        assert w.thread.is_alive()
+    finally:
+        w.stop()
 
 
 def test_stop_cancels_queued_jobs(store):
