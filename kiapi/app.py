@@ -16,10 +16,12 @@ from connexion import AsyncApp
 from connexion.middleware import ConnexionMiddleware
 from connexion.middleware.exceptions import ExceptionMiddleware
 from connexion.middleware.response_validation import ResponseValidationMiddleware
+from connexion.middleware.routing import RoutingMiddleware
 from connexion.middleware.security import SecurityMiddleware
 from connexion.middleware.swagger_ui import SwaggerUIMiddleware
 from connexion.options import SwaggerUIOptions
 from connexion.resolver import RelativeResolver
+from starlette.routing import Mount
 
 from kiapi.config import Settings
 from kiapi.http.docs import ASSETS_PATH, doc_routes
@@ -27,6 +29,7 @@ from kiapi.http.errors import install_error_handlers
 from kiapi.http.guards import BearerAuth, BodyLimit
 from kiapi.http.jsonifier import OrjsonJsonifier
 from kiapi.http.multipart import is_multipart
+from kiapi.http.observe import ObserveRequests
 from kiapi.http.quiet import ReleaseWhenQuiet
 from kiapi.http.validation import VALIDATOR_MAP
 from kiapi.runtime.core import Runtime
@@ -42,12 +45,30 @@ log = logging.getLogger(__name__)
 
 RuntimeFactory = Callable[[Settings], Runtime]
 
+
 # Connexion's stack without the layers kiapi does not use: its Swagger UI (kiapi serves each
 # spec's docs itself), security (the specs declare no security schemes) and response validation
 # (off in the server; the contract tests validate every response against the 3.1 specs). Each
 # layer costs every request a pass through its router.
+class ChainedRoutingMiddleware(RoutingMiddleware):
+    """Connexion's routing with APIs on one base path chained in the order they were added.
+
+    Connexion 3.3 makes *every* earlier API on the same base path fall through to the newest
+    one, so with three APIs on ``""`` the first skipped the second (``/v1/embedding`` answered
+    404 once ``specs/openai.json`` was added). Here each API on a base path falls through to
+    the next one added on it, and the last to the next middleware.
+    """
+
+    def add_api(self, *args, **kwargs) -> None:
+        super().add_api(*args, **kwargs)
+        mounts = [r for r in self.router.routes if isinstance(r, Mount)]
+        same_path = [m for m in mounts if m.path == mounts[-1].path]
+        for earlier, later in zip(same_path, same_path[1:], strict=False):
+            earlier.app.default = later.app
+
+
 MIDDLEWARES = [
-    m
+    ChainedRoutingMiddleware if m is RoutingMiddleware else m
     for m in ConnexionMiddleware.default_middlewares
     if m not in (SwaggerUIMiddleware, SecurityMiddleware, ResponseValidationMiddleware)
 ]
@@ -56,7 +77,8 @@ MIDDLEWARES = [
 def middlewares(settings: Settings, doc_paths: list[str]) -> list:
     """:data:`MIDDLEWARES` with kiapi's guards just inside the exception middleware (what they
     raise is mapped like any error): the bearer token first, so an anonymous body is never
-    read, then the body limit. Outermost, :class:`ReleaseWhenQuiet` sees every request.
+    read, then the body limit. Outermost, :class:`ObserveRequests` (log line, metrics) and
+    :class:`ReleaseWhenQuiet` see every request.
     ``doc_paths``: the documentation routes, public like :data:`PUBLIC_PATHS`."""
     guards: list = []
     if settings.token:
@@ -71,7 +93,13 @@ def middlewares(settings: Settings, doc_paths: list[str]) -> list:
         )
     )
     position = MIDDLEWARES.index(ExceptionMiddleware) + 1
-    return [ReleaseWhenQuiet, *MIDDLEWARES[:position], *guards, *MIDDLEWARES[position:]]
+    return [
+        ObserveRequests,
+        ReleaseWhenQuiet,
+        *MIDDLEWARES[:position],
+        *guards,
+        *MIDDLEWARES[position:],
+    ]
 
 
 def public_path(public: frozenset[str]):

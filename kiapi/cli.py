@@ -1,9 +1,11 @@
-"""``kiapi`` command line: ``serve``, ``doctor`` and the ``handlers check|scaffold`` drift tool."""
+"""``kiapi`` command line: ``serve``, ``doctor``, ``models list|pull|rm`` and the
+``handlers check|scaffold`` drift tool."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,11 +17,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from kiapi.app import create_app
     from kiapi.config import Settings
+    from kiapi.logs import configure
 
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure(settings.log_level, settings.log_format)
     if not settings.token and not is_loopback(args.host):
         logging.getLogger("kiapi").warning(
             "serving on %s without KIAPI_AUTH_TOKEN: anyone who can reach this address can use "
@@ -28,8 +29,17 @@ def _serve(args: argparse.Namespace) -> int:
         )
     app = create_app(settings)
     # lifespan="on": a missing handler or a failing start-up stops the server instead of
-    # surfacing at the first request.
-    uvicorn.run(app, host=args.host, port=args.port, lifespan="on", log_level=settings.log_level)
+    # surfacing at the first request. kiapi writes its own access line (kiapi.http.observe)
+    # and configures the loggers itself (log_config=None keeps uvicorn's hands off).
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        lifespan="on",
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+    )
     return 0
 
 
@@ -51,6 +61,13 @@ def _doctor(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.ERROR)  # the report says it all
     return doctor(Settings())
+
+
+def _models(args: argparse.Namespace) -> int:
+    from kiapi.models_cli import main as models
+
+    logging.basicConfig(level=logging.ERROR)
+    return models(args.action, getattr(args, "names", []), args.url)
 
 
 def _handlers_check(args: argparse.Namespace) -> int:
@@ -92,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="check the platform, MLX, the BLAS, the files root and the models"
     )
     doctor.set_defaults(func=_doctor)
+
+    models = sub.add_parser("models", help="list, download (pull) or remove models")
+    msub = models.add_subparsers(dest="action", required=True)
+    for name, text in (
+        ("list", "name, aliases, features, set up, size on disk, resident in the server"),
+        ("pull", "download a model's weights into the Hugging Face cache (needs network)"),
+        ("rm", "remove a model's weights from the Hugging Face cache"),
+    ):
+        cmd = msub.add_parser(name, help=text)
+        if name != "list":
+            cmd.add_argument("names", nargs=1, metavar="NAME", help="model name, alias or repo")
+        cmd.add_argument(
+            "--url",
+            default=os.environ.get("KIAPI_URL", "http://127.0.0.1:8000"),
+            help="the running server asked which models are resident (default: $KIAPI_URL "
+            "or http://127.0.0.1:8000)",
+        )
+        cmd.set_defaults(func=_models)
 
     handlers = sub.add_parser("handlers", help="compare handlers with the specs")
     hsub = handlers.add_subparsers(dest="action", required=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         30, description="How often the idle worker checks model TTLs, in seconds."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text, or one JSON object per line (request lines carry "
+        "method, path, status, duration_ms, operation and job_id as fields).",
+    )
 
     # -- models -------------------------------------------------------------------------------
     model_paths: dict[str, Path] = Field(

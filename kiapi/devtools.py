@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiapi.specs import SPECS_DIR, operations, read_json
+from kiapi.specs import SPECS_DIR, load_served, operations
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -60,9 +60,8 @@ def check(specs_dir: Path = SPECS_DIR, package: str = "kiapi.handlers") -> list[
     report = []
     for path in spec_files(specs_dir):
         module = f"{package}.{path.stem}"
-        op_ids = {
-            op["operationId"] for _m, _p, op in operations(read_json(path)) if "operationId" in op
-        }
+        served = load_served(path.stem, specs_dir)  # additions may add operations (/metrics)
+        op_ids = {op["operationId"] for _m, _p, op in operations(served) if "operationId" in op}
         handlers = defined_handlers(module)
         report.append(
             Drift(path.stem, module, sorted(op_ids - handlers), sorted(handlers - op_ids))
@@ -89,7 +88,7 @@ def scaffold(specs_dir: Path = SPECS_DIR, package: str = "kiapi.handlers") -> di
     for drift in check(specs_dir, package):
         if not drift.missing:
             continue
-        spec = read_json(specs_dir / f"{drift.spec}.json")
+        spec = load_served(drift.spec, specs_dir)
         ops = {
             op["operationId"]: (m, p, op) for m, p, op in operations(spec) if "operationId" in op
         }

@@ -3,7 +3,8 @@
 Three views of each spec exist, and only this module builds them:
 
 * the **contract** – ``specs/<name>.json`` exactly as supplied (byte-identical to
-  ``../shared/specs``; never edited);
+  ``../shared/specs``; never edited). ``specs/openai.json`` is kiapi's own document (the
+  OpenAI-compatible surface), written contract-first like the others;
 * the **served** document – the contract deep-merged with ``specs/additions/<name>.json``.
   Additions may only *add* keys (new responses, schemas, headers); :func:`add_only_merge`
   refuses to change anything the contract already says. This is what ``/openapi.json`` serves
@@ -32,10 +33,17 @@ class SpecSource:
     ``name`` names the files (``specs/<name>.json``, ``specs/additions/<name>.json``) and the
     handler module (``kiapi.handlers.<name>``); ``docs_prefix`` is where its documentation is
     mounted (``<prefix>/openapi.json``, ``<prefix>/docs.html``, ``<prefix>/redoc.html``).
+    ``error_style``: the shape of its error bodies — ``kiapi`` (``{"detail": ...}``, schema
+    ``ErrorResponse``) or ``openai`` (``{"error": {...}}``, schema ``OpenAIErrorResponse``).
     """
 
     name: str
     docs_prefix: str
+    error_style: str = "kiapi"
+
+    @property
+    def error_schema(self) -> str:
+        return "OpenAIErrorResponse" if self.error_style == "openai" else "ErrorResponse"
 
     @property
     def handler_module(self) -> str:
@@ -45,7 +53,9 @@ class SpecSource:
 SPEC_SOURCES: tuple[SpecSource, ...] = (
     SpecSource("common", ""),
     SpecSource("embedding", "/v1/embedding"),
+    SpecSource("openai", "/openai", error_style="openai"),
 )
+SOURCES_BY_NAME = {source.name: source for source in SPEC_SOURCES}
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
@@ -100,7 +110,7 @@ def served_document(name: str, *, auth: bool = False) -> dict[str, Any]:
     declares the security scheme and the 401 answers (:func:`with_bearer_auth`).
     """
     served = load_served(name)
-    return with_bearer_auth(served) if auth else served
+    return with_bearer_auth(served, SOURCES_BY_NAME[name].error_schema) if auth else served
 
 
 # Operations anyone may call when a token is required (besides the documentation pages).
@@ -108,10 +118,10 @@ PUBLIC_PATHS = frozenset({"/health"})
 BEARER_SCHEME = "bearerAuth"
 
 
-def with_bearer_auth(spec: dict[str, Any]) -> dict[str, Any]:
+def with_bearer_auth(spec: dict[str, Any], error_schema: str = "ErrorResponse") -> dict[str, Any]:
     """``spec`` plus bearer-token security: the scheme, ``security`` on every operation (empty on
-    :data:`PUBLIC_PATHS`) and a documented 401. Added with :func:`add_only_merge`, so nothing the
-    document says is changed."""
+    :data:`PUBLIC_PATHS`) and a documented 401 whose body is ``error_schema``. Added with
+    :func:`add_only_merge`, so nothing the document says is changed."""
     unauthorized = {
         "description": "No valid `Authorization: Bearer <token>` header; the server was started "
         "with KIAPI_AUTH_TOKEN.",
@@ -122,7 +132,9 @@ def with_bearer_auth(spec: dict[str, Any]) -> dict[str, Any]:
                 "schema": {"type": "string"},
             }
         },
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{error_schema}"}}
+        },
     }
     paths: dict[str, Any] = {}
     for method, path, _operation in operations(spec):
@@ -166,26 +178,49 @@ def operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     return found
 
 
+@dataclass(frozen=True)
+class Route:
+    """One path of a served spec: its matcher, its source and ``{METHOD: operationId}``."""
+
+    pattern: re.Pattern
+    source: SpecSource
+    operations: dict[str, str]
+
+
 @cache
-def _route_table() -> tuple[tuple[re.Pattern, frozenset[str]], ...]:
+def _route_table() -> tuple[Route, ...]:
     table = []
     for source in SPEC_SOURCES:
         for path, item in served_document(source.name).get("paths", {}).items():
             pattern = re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path))
-            methods = frozenset(m.upper() for m in HTTP_METHODS if m in item)
-            table.append((re.compile(f"^{pattern}$"), methods))
+            ops = {m.upper(): item[m].get("operationId", "") for m in HTTP_METHODS if m in item}
+            table.append(Route(re.compile(f"^{pattern}$"), source, ops))
     return tuple(table)
 
 
 def allowed_methods(path: str) -> list[str]:
     """Every method the served specs define for ``path`` (plus HEAD wherever GET is)."""
     methods: set[str] = set()
-    for pattern, found in _route_table():
-        if pattern.match(path):
-            methods |= found
+    for route in _route_table():
+        if route.pattern.match(path):
+            methods |= set(route.operations)
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)
+
+
+def source_of(path: str) -> SpecSource | None:
+    """The served spec that defines ``path`` (None for paths no spec defines)."""
+    return next((r.source for r in _route_table() if r.pattern.match(path)), None)
+
+
+def operation_id(method: str, path: str) -> str | None:
+    """The operationId serving ``method path`` (HEAD counts as GET), or None."""
+    method = "GET" if method == "HEAD" else method
+    for route in _route_table():
+        if route.pattern.match(path) and method in route.operations:
+            return route.operations[method]
+    return None
 
 
 # --------------------------------------------------------------------------- 3.1 -> 3.0

@@ -7,6 +7,8 @@ from connexion import request
 
 from kiapi.runtime.core import Runtime
 
+JOB_ID_HEADER = "X-Kiapi-Job-Id"  # the job(s) that answered a request, for logs and /v1/jobs
+
 
 def runtime() -> Runtime:
     """The process's runtime, from the lifespan state of the current request."""

@@ -1,4 +1,4 @@
-"""Handlers of ``specs/common.json``: health, the Files API and the Jobs API."""
+"""Handlers of ``specs/common.json``: health, metrics, the Files API and the Jobs API."""
 
 from __future__ import annotations
 
@@ -8,17 +8,22 @@ from urllib.parse import quote
 
 from connexion import request
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from kiapi.handlers import runtime
 from kiapi.http.multipart import staged_form
 from kiapi.runtime.errors import NotFound
+from kiapi.runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 DOWNLOAD_CHUNK = 256 * 1024
 
 
 async def health_health_get():
     return runtime().health()
+
+
+async def metrics_metrics_get():
+    return Response(runtime().metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
 
 # -- files ----------------------------------------------------------------------------------

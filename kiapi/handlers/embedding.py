@@ -6,7 +6,7 @@ import time
 
 from starlette.concurrency import run_in_threadpool
 
-from kiapi.handlers import client_disconnected, runtime
+from kiapi.handlers import JOB_ID_HEADER, client_disconnected, runtime
 from kiapi.runtime.catalog import EMBEDDING
 from kiapi.runtime.embedding import EmbeddingItem, embedding_job, parse_request
 
@@ -20,13 +20,12 @@ async def embedding_v1_embedding_post(body: dict):
     if request.image is not None:  # fetching and decoding an image is blocking I/O
         image = await run_in_threadpool(rt.images.load, request.image)
     item = EmbeddingItem(text=request.text, image=image)
-    output = await rt.run_sync(
+    (done,) = await rt.run_sync(
         EMBEDDING,
-        request.params(),
-        embedding_job(rt.memory, request.spec, item, received),
+        [(request.params(), embedding_job(rt.memory, request.spec, item, received))],
         client_gone=client_disconnected,
     )
-    return output.result
+    return done.output.result, 200, {JOB_ID_HEADER: done.job_id}
 
 
 async def list_models_v1_embedding_models_get():

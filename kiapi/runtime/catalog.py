@@ -49,6 +49,7 @@ def embedding_models() -> list[ModelSpec]:
             loader=load_embedding,
             source=WeightSource("mlx-community/Qwen3-Embedding-8B-mxfp8", requires=TEXT_ENGINE),
             pooling="last",
+            dimensions_min=32,  # trained with Matryoshka learning: 32..4096
         ),
         ModelSpec(
             name="qwen3-vl-embedding-2b",
@@ -66,6 +67,7 @@ def embedding_models() -> list[ModelSpec]:
                 requires_install=VL_INSTALL,
             ),
             pooling="last",
+            dimensions_min=64,  # trained with Matryoshka learning: 64..2048
         ),
         ModelSpec(
             name="all-minilm-l6-v2",

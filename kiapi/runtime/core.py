@@ -12,22 +12,39 @@ import logging
 import threading
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
 
 from kiapi.config import Settings
 from kiapi.runtime import blas
 from kiapi.runtime.catalog import EMBEDDING, default_registry
-from kiapi.runtime.errors import ClientGone, SyncTimeout
+from kiapi.runtime.errors import ClientGone, Overloaded, SyncTimeout
 from kiapi.runtime.files import FileStore
 from kiapi.runtime.images import ImageLoader, ImagePolicy
-from kiapi.runtime.jobs import RUNNING, Job, JobStore
+from kiapi.runtime.jobs import (
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    JobStore,
+    report_progress,
+    reporting_for,
+)
 from kiapi.runtime.memory import MemoryManager, load_with_spec_loader
+from kiapi.runtime.metrics import Metrics
 from kiapi.runtime.mlx_engine import release_idle_memory
+from kiapi.runtime.openai_compat import model_object
 from kiapi.runtime.registry import LoadedModel, ModelSpec, Registry
 from kiapi.runtime.worker import BatchPolicy, JobBody, JobOutput, Worker
 
 log = logging.getLogger(__name__)
+
+
+class Done(NamedTuple):
+    """A finished job of :meth:`Runtime.run_sync`: its id and its output."""
+
+    job_id: str
+    output: JobOutput
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -55,11 +72,13 @@ class Runtime:
         self.memory = MemoryManager(
             settings.memory_limit_gb,
             default_ttl_s=settings.default_ttl_s,
-            loader=loader,
+            loader=self._visible(loader),
             clock=clock,
         )
+        self.metrics = Metrics()
         self.worker = Worker(
             self.jobs,
+            metrics=self.metrics,
             max_queue=settings.max_queue,
             idle_interval_s=settings.ttl_sweep_s,
             on_idle=self.memory.sweep,
@@ -70,6 +89,7 @@ class Runtime:
                 settings.batch_fill_wait_ms / 1000,
             ),
         )
+        self.metrics.watch(self.worker.queue_len, self.memory)
         self.files = FileStore(settings.files_root, max_upload_bytes=settings.max_upload_bytes)
         self.images = ImageLoader(
             ImagePolicy(
@@ -83,6 +103,31 @@ class Runtime:
         )
         self._warmup = list(warmup) if warmup is not None else self._warmup_from_settings()
         self._warm = threading.Event()
+
+    def _visible(
+        self, loader: Callable[[ModelSpec], LoadedModel]
+    ) -> Callable[[ModelSpec], LoadedModel]:
+        """``loader`` as a ``model_load`` job in the job store (worker thread), so a load shows
+        in ``/v1/jobs`` with its progress and phase labels while it runs, and its outcome
+        after. The job that needed the model says which load it waits for."""
+
+        def load(spec: ModelSpec) -> LoadedModel:
+            job = self.jobs.create("model_load", {"model": spec.name})
+            report_progress(None, f"waiting for {spec.name} to load ({job.id})")
+            self.jobs.mark_running(job)
+            with reporting_for(self.jobs, job):
+                report_progress(0.0, f"loading {spec.name}")
+                try:
+                    loaded = loader(spec)
+                except BaseException as exc:
+                    self.jobs.finish(job, FAILED, error=str(exc))
+                    raise
+            self.jobs.finish(
+                job, SUCCEEDED, result={"model": spec.name, "weight_gb": loaded.weight_gb}
+            )
+            return loaded
+
+        return load
 
     def _warmup_from_settings(self) -> list[ModelSpec]:
         """``KIAPI_WARMUP`` names, or the effective default embedding model if it is set up."""
@@ -118,7 +163,8 @@ class Runtime:
         """Worker thread: load the warmup models; the server is ``warm`` when this is done."""
         loaded, skipped = [], {}
         try:
-            for spec in self._warmup:
+            for done, spec in enumerate(self._warmup):
+                report_progress(done / len(self._warmup), f"warming up {spec.name}")
                 try:
                     with self.memory.use(spec):
                         loaded.append(spec.name)
@@ -156,42 +202,83 @@ class Runtime:
     async def run_sync(
         self,
         job_type: str,
-        params: dict[str, Any],
-        body: JobBody,
+        jobs: Sequence[tuple[dict[str, Any], JobBody]],
         *,
         client_gone: Callable[[], Awaitable[None]] | None = None,
-    ) -> JobOutput:
-        """Submit a job and wait for it up to ``sync_timeout_s``.
+    ) -> list[Done]:
+        """Run one job per ``(params, body)`` and wait for all of them, up to ``sync_timeout_s``
+        in all; returns each job's id and output, in the given order.
 
-        On timeout raises :class:`SyncTimeout` naming the job, which keeps running.
-        ``client_gone()`` completes when the caller has disconnected: a job still queued then is
-        canceled (no one will read it; it frees the queue) and a running one finishes into its
-        record; :class:`ClientGone` is raised either way. ``asyncio.wait`` never cancels what it
-        waits for, so a caller's own cancellation leaves the job running too.
+        At most ``max_queue // 2`` (at least one) of them wait in the queue at a time, so one
+        large request leaves room for other clients; the rest are submitted as earlier ones
+        finish. A full queue refuses (:class:`Overloaded`, 503) only when none of them is
+        queued yet; otherwise the call waits for its own jobs to make room.
+
+        * A job that fails: its error is raised and the call's queued jobs are canceled.
+        * Timeout: :class:`SyncTimeout` naming the first unfinished job; submitted jobs keep
+          running, the rest are never created.
+        * ``client_gone()`` completes when the caller has disconnected: queued jobs are canceled
+          (no one will read them), running ones finish into their records, and
+          :class:`ClientGone` is raised.
+
+        ``asyncio.wait`` never cancels what it waits for, so a caller's own cancellation leaves
+        the jobs running too.
         """
-        job = self.submit(job_type, params, body)
-        result = asyncio.wrap_future(job.future)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.sync_timeout_s
+        window = max(1, self.settings.max_queue // 2)
+        outputs: list[Done | None] = [None] * len(jobs)
+        waiting: dict[asyncio.Future, tuple[int, Job]] = {}
+        submitted = 0
         gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
-            waiting = {result} if gone is None else {result, gone}
-            done, _ = await asyncio.wait(
-                waiting, timeout=self.settings.sync_timeout_s, return_when=FIRST_COMPLETED
-            )
+            while submitted < len(jobs) or waiting:
+                while submitted < len(jobs) and len(waiting) < window:
+                    params, body = jobs[submitted]
+                    try:
+                        job = self.submit(job_type, params, body)
+                    except Overloaded:
+                        if not waiting:
+                            raise
+                        break  # room comes as our own jobs finish
+                    waiting[asyncio.wrap_future(job.future)] = (submitted, job)
+                    submitted += 1
+                remaining = deadline - loop.time()
+                done: set = set()
+                if remaining > 0:
+                    watched = set(waiting) if gone is None else {*waiting, gone}
+                    done, _ = await asyncio.wait(
+                        watched, timeout=remaining, return_when=FIRST_COMPLETED
+                    )
+                if gone is not None and gone in done:
+                    canceled = self._abandon(waiting, cancel=True)
+                    first = min(waiting.values(), key=lambda entry: entry[0])[1]
+                    log.info("client left while waiting for %s (%d canceled)", first.id, canceled)
+                    raise ClientGone(first.id)
+                if not done:
+                    first = min(waiting.values(), key=lambda entry: entry[0])[1]
+                    self._abandon(waiting, cancel=False)
+                    raise SyncTimeout(first.id, self.settings.sync_timeout_s)
+                for future in done:
+                    index, job = waiting.pop(future)
+                    if future.exception() is not None:
+                        self._abandon(waiting, cancel=True)
+                        raise future.exception()
+                    outputs[index] = Done(job.id, future.result())
         finally:
             if gone is not None:
                 gone.cancel()
-        if result in done:
-            return result.result()
-        if gone is not None and gone in done:
-            result.add_done_callback(_retrieve)  # nobody awaits it any more
-            canceled = self.worker.cancel(job)
-            log.info(
-                "client left while waiting for %s (%s)",
-                job.id,
-                "canceled" if canceled else "finishing",
-            )
-            raise ClientGone(job.id)
-        raise SyncTimeout(job.id, self.settings.sync_timeout_s)
+        return outputs  # type: ignore[return-value]
+
+    def _abandon(self, waiting: dict[asyncio.Future, tuple[int, Job]], *, cancel: bool) -> int:
+        """Stop waiting for these jobs (their outcomes are marked seen); with ``cancel``, the
+        queued ones are canceled. Returns how many were canceled."""
+        canceled = 0
+        for future, (_index, job) in waiting.items():
+            future.add_done_callback(_retrieve)
+            if cancel and self.worker.cancel(job):
+                canceled += 1
+        return canceled
 
     def delete_job(self, job_id: str) -> dict[str, Any]:
         """Forget a job record; a queued job is canceled, a running one keeps running."""
@@ -202,6 +289,18 @@ class Runtime:
             "job_id": job_id,
             "was_running": not canceled and job.status == RUNNING,
         }
+
+    # -- models ---------------------------------------------------------------------------
+    def servable_models(self, family: str) -> list[dict[str, Any]]:
+        """The family's models that can serve now (resident, or set up), in OpenAI's shape;
+        ``created`` is the weight folder's modification time."""
+        servable = []
+        for spec in self.registry.models(family):
+            if not (self.memory.is_resident(spec.name) or spec.is_set_up()):
+                continue
+            folder = spec.weights_folder()
+            servable.append(model_object(spec, int(folder.stat().st_mtime) if folder else 0))
+        return servable
 
     # -- health ---------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The closed set of errors kiapi reports to clients.
 
-Each class carries its HTTP status; the HTTP layer maps :class:`KiapiError` to a response in
-exactly one place (``kiapi.http.errors``), using ``status``, :meth:`KiapiError.body` and
-:meth:`KiapiError.headers` — never the class name. Anything that is not a ``KiapiError`` is a
+Each class carries its HTTP status and a stable ``code`` (the machine-readable name clients
+see in OpenAI-style error bodies); the HTTP layer maps :class:`KiapiError` to a response in
+exactly one place (``kiapi.http.errors``), using ``status``, ``code``, :meth:`KiapiError.body`
+and :meth:`KiapiError.headers` — never the class name. Anything that is not a ``KiapiError`` is a
 bug and surfaces as a 500.
 """
 
@@ -15,12 +16,21 @@ class KiapiError(Exception):
     """Base of every client-visible error. Not raised directly: raise a subclass."""
 
     status: ClassVar[int]
+    code: ClassVar[str]
 
-    def __init__(self, detail: str, *, hint: str | None = None, job_id: str | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        hint: str | None = None,
+        job_id: str | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.hint = hint
         self.job_id = job_id  # the job concerned, when there is one
+        self.param = param  # the request field at fault, when there is one
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"detail": self.detail}
@@ -38,12 +48,20 @@ class BadRequest(KiapiError):
     """A well-formed request that makes no sense: unknown model, empty input, wrong modality."""
 
     status = 400
+    code = "bad_request"
+
+
+class UnknownModel(BadRequest):
+    """A model name, alias or repo id the catalog does not know."""
+
+    code = "model_not_found"
 
 
 class Unauthorized(KiapiError):
     """No valid ``Authorization: Bearer <token>`` where ``KIAPI_AUTH_TOKEN`` requires one."""
 
     status = 401
+    code = "invalid_api_key"
 
     def __init__(self, detail: str, *, error: str | None = None) -> None:
         super().__init__(detail, hint="send the header 'Authorization: Bearer <KIAPI_AUTH_TOKEN>'")
@@ -60,12 +78,14 @@ class NotFound(KiapiError):
     """An id (job, file) that does not exist (any more)."""
 
     status = 404
+    code = "not_found"
 
 
 class JobCanceled(KiapiError):
     """The job a caller was waiting for was canceled (``DELETE /v1/jobs/{id}``) before it ran."""
 
     status = 409
+    code = "job_canceled"
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id} was canceled before it ran", job_id=job_id)
@@ -75,12 +95,14 @@ class PayloadTooLarge(KiapiError):
     """A body or upload above its configured cap."""
 
     status = 413
+    code = "payload_too_large"
 
 
 class RequestInvalid(KiapiError):
     """Schema violations, reported FastAPI-style: ``{"detail": [{loc, msg, type}, ...]}``."""
 
     status = 422
+    code = "invalid_request"
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
@@ -94,6 +116,7 @@ class Unavailable(KiapiError):
     """The server cannot take this request now; ``hint`` says how to fix it."""
 
     status = 503
+    code = "unavailable"
 
     def __init__(self, detail: str, *, hint: str | None = None, retry_after_s: int | None = None):
         super().__init__(detail, hint=hint)
@@ -106,13 +129,19 @@ class Unavailable(KiapiError):
 class ModelNotSetUp(Unavailable):
     """The model is in the catalog but its weights are not on this machine."""
 
+    code = "model_not_set_up"
+
 
 class BudgetExceeded(Unavailable):
     """The model does not fit in the memory budget (even after evicting idle models)."""
 
+    code = "budget_exceeded"
+
 
 class Overloaded(Unavailable):
     """The worker queue is full."""
+
+    code = "overloaded"
 
 
 class ClientGone(KiapiError):
@@ -121,6 +150,7 @@ class ClientGone(KiapiError):
     its record."""
 
     status = 499
+    code = "client_gone"
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"the client disconnected while waiting for {job_id}", job_id=job_id)
@@ -130,6 +160,7 @@ class SyncTimeout(KiapiError):
     """A sync request waited longer than the sync timeout; the job keeps running."""
 
     status = 504
+    code = "sync_timeout"
 
     def __init__(self, job_id: str, waited_s: float) -> None:
         super().__init__(

@@ -84,6 +84,12 @@ class Job:
     progress_label: str = QUEUED
     future: Future = field(default_factory=Future, repr=False, compare=False)
 
+    def run_seconds(self) -> float:
+        """Seconds from start to finish (0 for a job that never started)."""
+        if self.started_at is None or self.finished_at is None:
+            return 0.0
+        return max(0.0, self.finished_at - self.started_at)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,

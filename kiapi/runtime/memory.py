@@ -112,17 +112,29 @@ class MemoryManager:
         for victim in self._plan_room(spec, weight + spec.peak_headroom_gb):
             self._evict(victim.spec.name, "budget")
         if resident is None:
-            log.info("loading model %s (%s)", spec.name, spec.repo)
+            log.info(
+                "loading model %s (%s)",
+                spec.name,
+                spec.repo,
+                extra={"event": "model_loading", "model": spec.name},
+            )
             started = self._clock()
             loaded = self._loader(spec)
             resident = _Resident(spec, loaded, last_used=self._clock())
             with self._lock:
                 self._residents[spec.name] = resident
+            seconds = self._clock() - started
             log.info(
                 "loaded model %s: %.3f GB in %.2f s",
                 spec.name,
                 loaded.weight_gb,
-                self._clock() - started,
+                seconds,
+                extra={
+                    "event": "model_loaded",
+                    "model": spec.name,
+                    "weight_gb": loaded.weight_gb,
+                    "seconds": seconds,
+                },
             )
             try:  # the measured weight may exceed the estimate: make room again or give up
                 for victim in self._plan_room(spec, loaded.weight_gb + spec.peak_headroom_gb):
@@ -172,7 +184,18 @@ class MemoryManager:
         with self._lock:
             resident = self._residents.pop(name)
         self.evictions[reason] += 1
-        log.info("evicting model %s (%.3f GB): %s", name, resident.loaded.weight_gb, reason)
+        log.info(
+            "evicting model %s (%.3f GB): %s",
+            name,
+            resident.loaded.weight_gb,
+            reason,
+            extra={
+                "event": "model_evicted",
+                "model": name,
+                "reason": reason,  # ttl, budget, over_budget_after_load, shutdown
+                "weight_gb": resident.loaded.weight_gb,
+            },
+        )
         if resident.loaded.unload is not None:
             resident.loaded.unload()
 

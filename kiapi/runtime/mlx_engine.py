@@ -29,6 +29,7 @@ import numpy as np
 
 from kiapi.runtime import blas, heap
 from kiapi.runtime.embedding import EmbeddingItem, EmbeddingVector
+from kiapi.runtime.jobs import report_progress
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json, weight_files
 
@@ -493,6 +494,7 @@ def load_embedding_model(spec: ModelSpec) -> LoadedModel:
     """The catalog's loader for embedding models (worker thread)."""
     folder = locate(spec.name, spec.source)
     config = read_json(folder, "config.json")
+    report_progress(0.05, f"reading the weights of {spec.name} from {folder}")
     if "vision_config" in config:
         embedder: TextEmbedder | VisionLanguageEmbedder = VisionLanguageEmbedder.load(folder)
     else:
@@ -500,7 +502,9 @@ def load_embedding_model(spec: ModelSpec) -> LoadedModel:
     # Forward passes before the model counts as loaded: MLX compiles some kernels (GELU) with
     # g++ on first use, ~0.9 s on a machine with no cache yet, which no request should pay.
     # One item, then two (a batch takes FastBert's two-stream path).
+    report_progress(0.7, f"warming up {spec.name} (first forward passes)")
     embedder.embed([EmbeddingItem(text="warm up")])
+    report_progress(0.85, f"warming up {spec.name} (a batch of two)")
     embedder.embed([EmbeddingItem(text="warm up"), EmbeddingItem(text="a batch of two")])
     return LoadedModel(model=embedder, weight_gb=embedder.weight_gb, unload=embedder.unload)
 

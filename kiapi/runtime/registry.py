@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from kiapi.runtime.errors import BadRequest, ModelNotSetUp
+from kiapi.runtime.errors import BadRequest, ModelNotSetUp, UnknownModel
 from kiapi.runtime.weights import WeightSource, locate, weights_size_gb
 
 
@@ -48,6 +49,7 @@ class ModelSpec:
     set_up_hint: str | None = None  # how to make the model available, when it has no loader
     source: WeightSource | None = None  # where its weights are found (None: the loader knows)
     pooling: str | None = None  # embedding models: "mean" or "last" (token)
+    dimensions_min: int | None = None  # smallest truncation (Matryoshka); None: cannot truncate
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -71,6 +73,15 @@ class ModelSpec:
             except ModelNotSetUp:
                 pass
         return self.weight_gb
+
+    def weights_folder(self) -> Path | None:
+        """Where its weights are on this machine (None: not set up, or the loader knows)."""
+        if self.source is None:
+            return None
+        try:
+            return locate(self.name, self.source)
+        except ModelNotSetUp:
+            return None
 
     def is_set_up(self) -> bool:
         try:
@@ -163,7 +174,9 @@ class Registry:
         choices = ", ".join(
             f"{s.name} (aliases: {', '.join(s.aliases)})" if s.aliases else s.name for s in models
         )
-        raise BadRequest(f"unknown {family} model {name!r}; valid choices: {choices}")
+        raise UnknownModel(
+            f"unknown {family} model {name!r}; valid choices: {choices}", param="model"
+        )
 
     def capability_models(self, family: str) -> list[dict]:
         """Public catalog entries, the effective default marked ``default: true``."""

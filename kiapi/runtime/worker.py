@@ -36,6 +36,7 @@ from typing import Any
 
 from kiapi.runtime.errors import JobCanceled, KiapiError, Overloaded
 from kiapi.runtime.jobs import FAILED, SUCCEEDED, Job, JobStore, reporting_for
+from kiapi.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Worker:
         quiet_after_s: float = 1.0,
         on_quiet: Callable[[], None] | None = None,
         batch: BatchPolicy | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
@@ -110,6 +112,7 @@ class Worker:
         self._on_quiet = on_quiet
         self._worked = False  # jobs ran since on_quiet last ran (worker thread only)
         self._batch = batch or BatchPolicy()
+        self._metrics = metrics
         self._queue: deque[tuple[Job, JobBody]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -278,6 +281,10 @@ class Worker:
                 (job for job, _ in members), self._outcomes(members), strict=True
             ):
                 self._finish(job, outcome)
+                if self._metrics is not None:
+                    self._metrics.job_done(job.type, job.status, job.run_seconds())
+            if self._metrics is not None:
+                self._metrics.batch_ran(members[0][0].type, len(members))
             elapsed = (time.monotonic() - started) / len(members)
             self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
 

@@ -79,8 +79,14 @@ def embedding_schema(live):
     return schemathesis.openapi.from_url(f"{live.url}/v1/embedding/openapi.json", config=CONFIG)
 
 
+@pytest.fixture(scope="module")
+def openai_schema(live):
+    return schemathesis.openapi.from_url(f"{live.url}/openai/openapi.json", config=CONFIG)
+
+
 common = schemathesis.pytest.from_fixture("common_schema")
 embedding = schemathesis.pytest.from_fixture("embedding_schema")
+openai_compatible = schemathesis.pytest.from_fixture("openai_schema")
 
 FUZZ_SETTINGS = settings(
     max_examples=MAX_EXAMPLES,
@@ -115,6 +121,14 @@ def test_common_api(case):
 @FUZZ_SETTINGS
 @seed(20261122)
 def test_embedding_api(case):
+    response = case.call_and_validate(headers=AUTH)
+    assert_authenticated(case, response)
+
+
+@openai_compatible.parametrize()
+@FUZZ_SETTINGS
+@seed(20261122)
+def test_openai_compatible_api(case):
     response = case.call_and_validate(headers=AUTH)
     assert_authenticated(case, response)
 

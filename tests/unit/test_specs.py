@@ -42,7 +42,17 @@ def is_subset(small, big) -> bool:
     return small == big
 
 
-@pytest.mark.parametrize("source", SPEC_SOURCES, ids=lambda s: s.name)
+SUPPLIED = [s for s in SPEC_SOURCES if f"{s.name}.json" in CONTRACT_SHA256]
+
+
+def test_every_spec_in_specs_is_supplied_or_our_own():
+    """specs/ holds the supplied contract and kiapi's own documents, nothing stray."""
+    own = {f"{s.name}.json" for s in SPEC_SOURCES} - set(CONTRACT_SHA256)
+    assert own == {"openai.json"}
+    assert {p.name for p in SPECS_DIR.glob("*.json")} == set(CONTRACT_SHA256) | own
+
+
+@pytest.mark.parametrize("source", SUPPLIED, ids=lambda s: s.name)
 def test_additions_only_add(source):
     contract, served = load_contract(source.name), load_served(source.name)
     assert is_subset(contract, served)

@@ -1,0 +1,39 @@
+"""Handlers of ``specs/openai.json``: the OpenAI-compatible embeddings and model list."""
+
+from __future__ import annotations
+
+import time
+
+from kiapi.handlers import JOB_ID_HEADER, client_disconnected, runtime
+from kiapi.runtime.catalog import EMBEDDING
+from kiapi.runtime.embedding import EmbeddingItem, embedding_job
+from kiapi.runtime.errors import NotFound
+from kiapi.runtime.openai_compat import embeddings_response, parse_openai_request
+
+
+async def create_embeddings_v1_embeddings_post(body: dict):
+    received = time.perf_counter()
+    rt = runtime()
+    request = parse_openai_request(rt.registry, body)
+    rt.require_runnable(request.spec)
+    jobs = [
+        (
+            {"model": request.spec.name, "text": text},
+            embedding_job(rt.memory, request.spec, EmbeddingItem(text=text), received),
+        )
+        for text in request.texts
+    ]
+    done = await rt.run_sync(EMBEDDING, jobs, client_gone=client_disconnected)
+    headers = {JOB_ID_HEADER: ",".join(d.job_id for d in done)}
+    return embeddings_response(request, [d.output for d in done]), 200, headers
+
+
+async def list_models_v1_models_get():
+    return {"object": "list", "data": runtime().servable_models(EMBEDDING)}
+
+
+async def retrieve_model_v1_models__model__get(model: str):
+    for entry in runtime().servable_models(EMBEDDING):
+        if model.lower() in (entry["id"].lower(), *(a.lower() for a in entry["aliases"])):
+            return entry
+    raise NotFound(f"no servable model {model!r}; GET /v1/models lists them", param="model")

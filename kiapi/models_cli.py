@@ -1,0 +1,196 @@
+"""``kiapi models list|pull|rm``: the model catalog from a terminal.
+
+It reads the same registry the server builds (catalog + ``KIAPI_MODEL_PATHS`` + the local
+Hugging Face cache + bundled packages), so "set up" means exactly what the server will find.
+Whether a model is resident is the running server's knowledge: ``list`` asks its ``/health``
+(``--url``, default ``$KIAPI_URL`` or ``http://127.0.0.1:8000``, with ``KIAPI_AUTH_TOKEN``
+when set) and shows ``?`` when no server answers.
+
+``pull`` is the one place kiapi downloads weights — by explicit command, with
+``huggingface_hub`` and its progress bars, into the Hugging Face cache the server reads.
+``rm`` only removes what ``pull`` put there: folders named in ``KIAPI_MODEL_PATHS`` and
+weights inside Python packages are refused with how to remove them instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from kiapi.config import Settings
+from kiapi.runtime.catalog import EMBEDDING, default_registry
+from kiapi.runtime.errors import ModelNotSetUp
+from kiapi.runtime.registry import ModelSpec, Registry
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
+
+
+class CommandError(Exception):
+    """A one-line failure for the terminal (exit status 1)."""
+
+
+def registry_for(settings: Settings) -> Registry:
+    return default_registry(settings.model_paths)
+
+
+def find(registry: Registry, name: str) -> ModelSpec:
+    spec = registry.find(name)
+    if spec is None:
+        names = ", ".join(s.name for s in registry.models(EMBEDDING))
+        raise CommandError(f"unknown model {name!r}; choices: {names}")
+    return spec
+
+
+def folder_size_gb(folder: Path) -> float:
+    """Bytes of every file in ``folder`` (symlinks into the HF cache's blobs followed)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1024**3
+
+
+def hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def origin(spec: ModelSpec, folder: Path) -> str:
+    """Where the weights were found: ``path`` (KIAPI_MODEL_PATHS), ``hf-cache`` or ``package``."""
+    if spec.source is not None and spec.source.path is not None:
+        return "path"
+    try:
+        folder.resolve().relative_to(hf_cache_dir().resolve())
+        return "hf-cache"
+    except ValueError:
+        return "package"
+
+
+def resident_names(url: str, token: str | None) -> set[str] | None:
+    """Models resident in the server at ``url``; None when it does not answer."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/health", headers=headers, timeout=2)
+        r.raise_for_status()
+        return {m["name"] for m in r.json()["memory"]["loaded"]}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+
+
+def list_models(settings: Settings, url: str, out: TextIO) -> int:
+    registry = registry_for(settings)
+    resident = resident_names(url, settings.token)
+    rows = [("NAME", "ALIASES", "FEATURES", "SET UP", "SIZE", "RESIDENT", "FROM")]
+    for spec in registry.models(EMBEDDING):
+        folder = spec.weights_folder() if spec.is_set_up() else None
+        rows.append(
+            (
+                spec.name,
+                ",".join(spec.aliases) or "-",
+                ",".join(spec.features),
+                "yes" if folder else "no",
+                f"{folder_size_gb(folder):.2f} GB" if folder else "-",
+                "?" if resident is None else ("yes" if spec.name in resident else "no"),
+                origin(spec, folder) if folder else spec.repo,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+    if resident is None:
+        out.write(f"(no kiapi server answered at {url}: RESIDENT unknown; see --url)\n")
+    return 0
+
+
+def pull(settings: Settings, name: str, out: TextIO) -> int:
+    spec = find(registry_for(settings), name)
+    if spec.source is None:
+        raise CommandError(f"model {spec.name!r} has no downloadable weights")
+    if spec.source.path is not None:
+        raise CommandError(
+            f"model {spec.name!r} is read from KIAPI_MODEL_PATHS ({spec.source.path}); "
+            "remove that entry to use the Hugging Face cache"
+        )
+    folder = spec.weights_folder()
+    if folder is not None:
+        out.write(f"{spec.name} is already set up: {folder}\n")
+        return 0
+    from huggingface_hub import snapshot_download
+
+    out.write(f"downloading {spec.source.repo} into {hf_cache_dir()}\n")
+    out.flush()
+    try:
+        folder = Path(snapshot_download(spec.source.repo, allow_patterns=WEIGHT_PATTERNS))
+    except Exception as exc:  # network, auth, disk: all end the command with one line
+        raise CommandError(f"cannot download {spec.source.repo}: {one_line(exc)}") from None
+    out.write(f"{spec.name}: {folder_size_gb(folder):.2f} GB in {folder}\n")
+    try:  # the weights are there; the engine's optional packages may not be
+        spec.require_set_up()
+    except ModelNotSetUp as exc:
+        out.write(f"downloaded, but {exc.detail}: {exc.hint}\n")
+    return 0
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, with the offline cases named plainly."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if os.environ.get("HF_HUB_OFFLINE") and "offline" not in text.lower():
+        text += " (HF_HUB_OFFLINE is set)"
+    return (
+        f"{text} (no network access? copy a Hugging Face cache that holds the model to this "
+        "machine, or name a folder with the weights in KIAPI_MODEL_PATHS)"
+    )
+
+
+def remove(settings: Settings, name: str, out: TextIO) -> int:
+    spec = find(registry_for(settings), name)
+    folder = spec.weights_folder()
+    if folder is None:
+        raise CommandError(f"model {spec.name!r} is not set up: nothing to remove")
+    where = origin(spec, folder)
+    if where == "path":
+        raise CommandError(
+            f"model {spec.name!r} is read from a folder named in KIAPI_MODEL_PATHS ({folder}); "
+            "kiapi does not delete folders it did not download"
+        )
+    if where == "package":
+        package = spec.source.package if spec.source else None
+        raise CommandError(
+            f"the weights of {spec.name!r} ship inside the Python package {package!r}; "
+            f"remove them with: pip uninstall {(package or '').replace('_', '-')}"
+        )
+    from huggingface_hub import scan_cache_dir
+
+    cache = scan_cache_dir(hf_cache_dir())
+    repos = [r for r in cache.repos if r.repo_id == spec.source.repo and r.repo_type == "model"]
+    hashes = [rev.commit_hash for repo in repos for rev in repo.revisions]
+    strategy = cache.delete_revisions(*hashes)
+    strategy.execute()
+    for repo in repos:  # refs and empty folders that revision deletion leaves behind
+        _remove_tree(repo.repo_path)
+    out.write(f"removed {spec.name} ({spec.source.repo}): {strategy.expected_freed_size_str}\n")
+    return 0
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main(action: str, names: Sequence[str], url: str, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    settings = Settings()
+    try:
+        if action == "list":
+            return list_models(settings, url, out)
+        if action == "pull":
+            return pull(settings, names[0], out)
+        return remove(settings, names[0], out)
+    except CommandError as exc:
+        print(f"kiapi models {action}: {exc}", file=sys.stderr)
+        return 1
