@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -151,3 +152,23 @@ class ImageServer:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def put_in_hf_cache(cache: Path, repo: str, model_folder: Path) -> Path:
+    """Copy ``model_folder`` into the Hugging Face cache ``cache`` the way ``hf download`` lays
+    a repo out (blobs, a snapshot of relative symlinks, ``refs/main``); returns the repo dir."""
+    import os
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir()
+    for i, file in enumerate(sorted(model_folder.iterdir())):
+        blob = root / "blobs" / f"blob{i}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(revision)
+    return root

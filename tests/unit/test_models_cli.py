@@ -14,26 +14,15 @@ from kiapi.app import create_app
 from kiapi.cli import main
 from kiapi.config import Settings
 from tests import tiny_models
-from tests.support import LiveServer, free_port, wait_until
+from tests.support import LiveServer, free_port, put_in_hf_cache, wait_until
 
 REPO = "mlx-community/Qwen3-Embedding-8B-mxfp8"
-REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
 def cached_qwen3(empty_hf_cache, tmp_path):
-    """The tiny model as ``hf download`` would leave it: blobs, a snapshot of symlinks, a ref."""
-    repo = empty_hf_cache / f"models--{REPO.replace('/', '--')}"
-    built = tiny_models.build_qwen3(tmp_path / "built")
-    snapshot = repo / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    for i, file in enumerate(sorted(built.iterdir())):
-        blob = repo / "blobs" / f"blob{i}"
-        shutil.copy(file, blob)
-        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
+    """The tiny model as ``hf download`` would leave it in the (empty, per-session) cache."""
+    repo = put_in_hf_cache(empty_hf_cache, REPO, tiny_models.build_qwen3(tmp_path / "built"))
     yield repo
     shutil.rmtree(repo, ignore_errors=True)
 

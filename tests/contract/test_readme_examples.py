@@ -1,0 +1,138 @@
+"""The README's marked examples (``<!-- example: NAME -->`` before a fenced block), run for real
+against a live server: the ``openai`` client and LangChain snippets with their printed output
+checked against the comments in them, the Prometheus scrape config scraped as Prometheus
+would (with and without its bearer-token option), and every ``kiapi`` command of the CLI
+block run as a subprocess."""
+
+import os
+import re
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from kiapi.app import create_app
+from kiapi.config import Settings
+from tests import tiny_models
+from tests.support import LiveServer, put_in_hf_cache, wait_until
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+EXAMPLE = re.compile(r"<!-- example: ([\w-]+) -->\n```(\w+)\n(.*?)```", re.S)
+DEFAULT_URL = "http://127.0.0.1:8000"
+TOKEN = "readme-token"
+
+
+def examples() -> dict[str, str]:
+    return {m.group(1): m.group(3) for m in EXAMPLE.finditer(README.read_text(encoding="utf-8"))}
+
+
+def test_every_marked_example_is_run_here():
+    assert set(examples()) == {"openai-client", "langchain", "prometheus", "models-cli"}
+
+
+def start(tmp_path_factory, **extra) -> LiveServer:
+    settings = Settings(
+        _env_file=None,
+        files_root=tmp_path_factory.mktemp("readme") / "files",
+        memory_limit_gb=4.0,
+        **extra,
+    )
+    return LiveServer(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    with start(tmp_path_factory) as server:
+        wait_until(lambda: httpx.get(f"{server.url}/health").json()["warm"])
+        yield server
+
+
+def run_python(code: str, url: str) -> list[str]:
+    out = StringIO()
+    with redirect_stdout(out):
+        exec(compile(code.replace(DEFAULT_URL, url), "README.md", "exec"), {})
+    return out.getvalue().splitlines()
+
+
+def expected_outputs(code: str) -> list[str]:
+    """The comment after each ``print(...)`` line, less any ``(remark)``: what it prints."""
+    comments = [line.split("#", 1)[1] for line in code.splitlines() if "print(" in line]
+    return [re.sub(r"\s*\([^)]*\)$", "", comment.strip()) for comment in comments]
+
+
+@pytest.mark.parametrize("name", ["openai-client", "langchain"])
+def test_python_examples_print_what_they_say(live, name):
+    code = examples()[name]
+    assert run_python(code, live.url) == expected_outputs(code)
+
+
+def test_the_prometheus_scrape_config_scrapes(live, tmp_path_factory, tmp_path):
+    config = yaml.safe_load(examples()["prometheus"])
+    (job,) = config["scrape_configs"]
+    (target,) = job["static_configs"][0]["targets"]
+    assert f"http://{target}" == DEFAULT_URL
+    scraped = httpx.get(f"{live.url}{job['metrics_path']}")
+    assert scraped.status_code == 200
+    names = {f.name for f in text_string_to_metric_families(scraped.text)}
+    assert {"kiapi_http_requests", "kiapi_queue_length", "kiapi_resident_gb"} <= names
+
+    # the commented-out token option, uncommented, against a server that requires the token
+    commented = re.findall(r"^    # (.*)$", examples()["prometheus"], re.M)
+    assert commented[0] == "with KIAPI_AUTH_TOKEN set:"
+    option = yaml.safe_load("\n".join(commented[1:]))
+    token_file = tmp_path / "kiapi-token"
+    token_file.write_text(TOKEN + "\n")
+    option["authorization"]["credentials_file"] = str(token_file)
+    credentials = Path(option["authorization"]["credentials_file"]).read_text().strip()
+    kind = option["authorization"].get("type", "Bearer")  # Prometheus' default type
+    with start(tmp_path_factory, auth_token=TOKEN, warmup="none") as guarded:
+        url = f"{guarded.url}{job['metrics_path']}"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"Authorization": f"{kind} {credentials}"}).status_code == 200
+
+
+def test_the_cli_block_runs(live, empty_hf_cache, tmp_path):
+    commands = [
+        line.split("#", 1)[0].split()
+        for line in examples()["models-cli"].splitlines()
+        if line.strip()
+    ]
+    assert [c[:2] for c in commands] == [
+        ["kiapi", "models"],
+        ["kiapi", "models"],
+        ["kiapi", "models"],
+        ["kiapi", "doctor"],
+    ]
+    # the Qwen3 weights as a finished pull leaves them (a tiny model: nothing is downloaded here)
+    repo = put_in_hf_cache(
+        empty_hf_cache,
+        "mlx-community/Qwen3-Embedding-8B-mxfp8",
+        tiny_models.build_qwen3(tmp_path / "built"),
+    )
+    env = {**os.environ, "KIAPI_URL": live.url, "KIAPI_FILES_ROOT": str(tmp_path / "files")}
+    outputs = []
+    for command in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "kiapi", *command[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        outputs.append(done)
+    listed, pulled, removed, doctor = outputs
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert re.search(r"\byes\s+0\.09 GB\s+yes\s+package$", rows["all-minilm-l6-v2"])
+    assert re.search(r"\byes\s+0\.00 GB\s+no\s+hf-cache$", rows["qwen3-embedding-8b"])
+    assert pulled.returncode == 0 and "already set up" in pulled.stdout
+    assert removed.returncode == 0 and "removed qwen3-embedding-8b" in removed.stdout
+    assert not repo.exists()
+    assert "mlx" in doctor.stdout and "files root" in doctor.stdout, doctor.stdout
+    assert doctor.returncode == 0, doctor.stdout
