@@ -18,8 +18,10 @@ def _serve(args: argparse.Namespace) -> int:
     from kiapi.app import create_app
     from kiapi.config import Settings
     from kiapi.logs import configure
+    from kiapi.runtime import heap
 
     settings = Settings()
+    heap.limit_arenas(settings.malloc_arenas)  # before the threads that allocate start
     configure(settings.log_level, settings.log_format)
     if not settings.token and not is_loopback(args.host):
         logging.getLogger("kiapi").warning(

@@ -120,3 +120,17 @@ def test_heap_trim_hands_freed_pages_back():
     after = psutil.Process().memory_info().rss
     libc.free(keep)
     assert before - after > 32 * 1024**2
+
+
+def test_arena_limit_is_taken_by_glibc_and_zero_leaves_the_default():
+    import subprocess
+
+    code = (
+        "from kiapi.runtime import heap; "
+        "print(heap.limit_arenas(0), heap.limit_arenas(1), heap.can_trim())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    if heap.can_trim():  # glibc
+        assert out.stdout.split() == ["False", "True", "True"]
+    else:
+        assert out.stdout.split()[:2] == ["False", "False"]
