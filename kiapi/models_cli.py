@@ -15,6 +15,7 @@ weights inside Python packages are refused with how to remove them instead.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,7 +86,7 @@ def list_models(settings: Settings, url: str, out: TextIO) -> int:
     resident = resident_names(url, settings.token)
     rows = [("NAME", "ALIASES", "FEATURES", "SET UP", "SIZE", "RESIDENT", "FROM")]
     for spec in registry.models(EMBEDDING):
-        folder = spec.weights_folder() if spec.is_set_up() else None
+        folder = spec.weights_folder()  # None unless set up (weights and engine packages)
         rows.append(
             (
                 spec.name,
@@ -171,15 +172,9 @@ def remove(settings: Settings, name: str, out: TextIO) -> int:
     strategy = cache.delete_revisions(*hashes)
     strategy.execute()
     for repo in repos:  # refs and empty folders that revision deletion leaves behind
-        _remove_tree(repo.repo_path)
+        shutil.rmtree(repo.repo_path, ignore_errors=True)
     out.write(f"removed {spec.name} ({spec.source.repo}): {strategy.expected_freed_size_str}\n")
     return 0
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def main(action: str, names: Sequence[str], url: str, out: TextIO | None = None) -> int:

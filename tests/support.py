@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,25 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+@contextmanager
+def serving(settings) -> Iterator[tuple[LiveServer, Any]]:
+    """A live server for ``settings`` once it is warm, with the runtime it made."""
+    import httpx
+
+    from kiapi.app import create_app
+    from kiapi.runtime.core import Runtime
+
+    made = []
+
+    def runtime_factory(settings):
+        made.append(Runtime(settings))
+        return made[-1]
+
+    with LiveServer(create_app(settings, runtime_factory=runtime_factory)) as server:
+        wait_until(lambda: httpx.get(f"{server.url}/health").json()["warm"])
+        yield server, made[0]
 
 
 def free_port() -> int:

@@ -78,12 +78,12 @@ def test_metrics_count_requests_jobs_batches_and_residents(tmp_path):
     assert value(after, "kiapi_memory_budget_gb") == 4.0
 
 
-def counting_loader(spec: ModelSpec) -> LoadedModel:
+def instant_loader(spec: ModelSpec) -> LoadedModel:
     return LoadedModel(model=object(), weight_gb=0.5)
 
 
 def test_ttl_evictions_are_counted_and_logged_with_their_reason(tmp_path, caplog):
-    spec = ModelSpec("tiny", EMBEDDING, EMBEDDING, "org/tiny", loader=counting_loader)
+    spec = ModelSpec("tiny", EMBEDDING, EMBEDDING, "org/tiny", loader=instant_loader)
     settings = Settings(
         _env_file=None,
         files_root=tmp_path / "files",
@@ -92,7 +92,7 @@ def test_ttl_evictions_are_counted_and_logged_with_their_reason(tmp_path, caplog
         ttl_sweep_s=0.05,
         warmup="none",
     )
-    runtime = Runtime(settings, registry=Registry([spec]), loader=counting_loader, warmup=[spec])
+    runtime = Runtime(settings, registry=Registry([spec]), loader=instant_loader, warmup=[spec])
     caplog.set_level("INFO", logger="kiapi.runtime.memory")
     runtime.start()
     try:

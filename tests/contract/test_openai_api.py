@@ -9,22 +9,14 @@ import numpy as np
 import openai
 import pytest
 
-from kiapi.app import create_app
 from kiapi.config import Settings
-from kiapi.runtime.core import Runtime
-from tests.support import LiveServer, assert_matches_schema, wait_until
+from tests.support import assert_matches_schema, serving
 
 TEXTS = ["The food was delicious.", "今日の天気は晴れです", "a", "The waiter was friendly " * 20]
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_qwen3):
-    made = []
-
-    def runtime_factory(settings):
-        made.append(Runtime(settings))
-        return made[-1]
-
     settings = Settings(
         _env_file=None,
         files_root=tmp_path_factory.mktemp("openai") / "files",
@@ -33,9 +25,8 @@ def live(tmp_path_factory, tiny_qwen3):
         warmup="all-minilm-l6-v2",
         max_queue=4,  # small, so that a long input list must go through in waves
     )
-    with LiveServer(create_app(settings, runtime_factory=runtime_factory)) as server:
-        wait_until(lambda: httpx.get(f"{server.url}/health").json()["warm"])
-        yield server, made[0]
+    with serving(settings) as (server, runtime):
+        yield server, runtime
 
 
 @pytest.fixture

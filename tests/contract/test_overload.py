@@ -10,23 +10,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from kiapi.app import create_app
 from kiapi.config import Settings
-from kiapi.runtime.core import Runtime
 from kiapi.runtime.jobs import CANCELED, QUEUED
-from tests.support import LiveServer, hold_the_worker, wait_until
+from tests.support import hold_the_worker, serving, wait_until
 
 MAX_QUEUE = 4
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    made = []
-
-    def runtime_factory(settings):
-        made.append(Runtime(settings))
-        return made[-1]
-
     settings = Settings(
         _env_file=None,
         files_root=tmp_path_factory.mktemp("overload") / "files",
@@ -34,9 +26,8 @@ def live(tmp_path_factory):
         max_queue=MAX_QUEUE,
         batch_max_items=1,  # one job per forward pass: the queue length is what it seems
     )
-    with LiveServer(create_app(settings, runtime_factory=runtime_factory)) as server:
-        wait_until(lambda: httpx.get(f"{server.url}/health").json()["warm"])
-        yield server, made[0]
+    with serving(settings) as (server, runtime):
+        yield server, runtime
 
 
 def embedding_jobs(runtime, status=None):
