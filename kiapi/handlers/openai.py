@@ -33,7 +33,9 @@ async def list_models_v1_models_get():
 
 
 async def retrieve_model_v1_models__model__get(model: str):
-    for entry in runtime().servable_models(EMBEDDING):
-        if model.lower() in (entry["id"].lower(), *(a.lower() for a in entry["aliases"])):
+    rt = runtime()
+    spec = rt.registry.find(model)  # the names and aliases requests use
+    for entry in rt.servable_models(EMBEDDING) if spec is not None else []:
+        if entry["id"] == spec.name:
             return entry
     raise NotFound(f"no servable model {model!r}; GET /v1/models lists them", param="model")

@@ -296,9 +296,9 @@ class Runtime:
         ``created`` is the weight folder's modification time."""
         servable = []
         for spec in self.registry.models(family):
-            if not (self.memory.is_resident(spec.name) or spec.is_set_up()):
+            folder = spec.weights_folder()  # one lookup; None also for loader-only specs
+            if folder is None and not (self.memory.is_resident(spec.name) or spec.is_set_up()):
                 continue
-            folder = spec.weights_folder()
             servable.append(model_object(spec, int(folder.stat().st_mtime) if folder else 0))
         return servable
 
