@@ -8,22 +8,23 @@ FastAPI shape). These subclasses plug into Connexion's ``validator_map`` and rai
 
 from __future__ import annotations
 
-import json
-import re
 import typing as t
 
 from connexion.datastructures import MediaTypeDict
-from connexion.json_schema import Draft4RequestValidator
 from connexion.utils import is_null, is_nullable
 from connexion.validators import JSONRequestBodyValidator, ParameterValidator
 from jsonschema import Draft4Validator, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope
 
+from kiapi.http.bounded_schema import BoundedRequestValidator, BoundedValidator, excerpt
+from kiapi.http.jsonbody import ValueCounter, check_surrogates, parse
 from kiapi.http.multipart import StreamingMultipartValidator
 from kiapi.runtime.errors import RequestInvalid
 
 PARAMETER_LOCATIONS = ("path", "query", "header", "cookie")
+EXCERPT_INPUT_CHARS = 100  # a 422 shows at most this much of a rejected string
 
 
 def schema_errors(
@@ -45,9 +46,17 @@ def _describe(error: ValidationError, loc_prefix: list[t.Any]) -> list[dict[str,
             if name not in error.instance
         ]
     entry: dict[str, t.Any] = {"loc": loc, "msg": error.message, "type": str(error.validator)}
-    if isinstance(error.instance, (str, int, float, bool)) or error.instance is None:
-        entry["input"] = error.instance
+    if isinstance(error.instance, str) and len(error.instance) > EXCERPT_INPUT_CHARS:
+        entry["input"] = error.instance[:EXCERPT_INPUT_CHARS] + "..."
+    elif isinstance(error.instance, (str, int, float, bool)) or error.instance is None:
+        entry["input"] = (
+            _short_int(error.instance) if isinstance(error.instance, int) else (error.instance)
+        )
     return [entry]
+
+
+def _short_int(value: int) -> int | str:
+    return value if abs(value) < 10**30 else excerpt(value)
 
 
 def missing_body_error() -> RequestInvalid:
@@ -103,7 +112,7 @@ class ContractParameterValidator(ParameterValidator):
 _validators: dict[tuple[int, type], tuple[dict, Draft4Validator]] = {}
 
 
-def validator_for(schema: dict, cls: type[Draft4Validator] = Draft4Validator) -> Draft4Validator:
+def validator_for(schema: dict, cls: type[Draft4Validator] = BoundedValidator) -> Draft4Validator:
     """The jsonschema validator of ``schema``, built on its first use.
 
     Connexion creates validator objects per request but hands them the operation's same
@@ -121,80 +130,60 @@ def validator_for(schema: dict, cls: type[Draft4Validator] = Draft4Validator) ->
     return cached[1]
 
 
-_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def lone_surrogates(value: t.Any, loc: tuple = ()) -> t.Iterator[list[t.Any]]:
-    """The location of every string in a parsed JSON value (keys included) that holds a lone
-    surrogate: JSON's ``\\ud800`` escapes parse to Python strings no UTF-8 encoder (tokenizer,
-    file system, log) accepts."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            yield list(loc)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from lone_surrogates(key, loc)
-            yield from lone_surrogates(item, (*loc, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from lone_surrogates(item, (*loc, index))
+INLINE_BYTES = 64 * 1024
+"""Bodies up to this size are parsed and checked on the event loop (a thread hop costs more
+than the work); larger ones in a worker thread, so the loop keeps serving other requests."""
 
 
 class ContractJSONBodyValidator(JSONRequestBodyValidator):
+    """JSON bodies: values counted while the bytes arrive (:class:`ValueCounter`), then parsed
+    and checked against the schema with bounded messages, off the event loop when large.
+
+    The bytes are kept once (not Connexion's per-message copies beside the joined body) and
+    replayed to the handler as one message."""
+
     @property
     def _validator(self):
-        return validator_for(self._schema, Draft4RequestValidator)
+        return validator_for(self._schema, BoundedRequestValidator)
 
     async def wrap_receive(self, receive: Receive, *, scope: Scope):
-        if not has_body(scope) and self._required:
-            raise missing_body_error()
-        return await super().wrap_receive(receive, scope=scope)
+        if not has_body(scope):
+            if self._required:
+                raise missing_body_error()
+            return await super().wrap_receive(receive, scope=scope)
+        raw = await self._read(receive)
+        if len(raw) > INLINE_BYTES:
+            await run_in_threadpool(self._check, raw)
+        else:
+            self._check(raw)
+        return _replay(raw, receive), scope
 
-    async def _parse(self, stream, scope: Scope) -> t.Any:
-        raw = b"".join([chunk async for chunk in stream])
-        if not raw:
-            return None
-        try:
-            body = json.loads(raw.decode(self._encoding))
-        except RecursionError:
-            raise RequestInvalid(
-                [{"loc": ["body"], "msg": "JSON nested too deeply", "type": "json_invalid"}]
-            ) from None
-        except (UnicodeDecodeError, LookupError) as exc:
-            raise RequestInvalid(
-                [
-                    {
-                        "loc": ["body"],
-                        "msg": f"body is not valid {self._encoding}: {exc}",
-                        "type": "json_invalid",
-                    }
-                ]
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise RequestInvalid(
-                [
-                    {
-                        "loc": ["body", exc.pos],
-                        "msg": f"JSON decode error: {exc.msg}",
-                        "type": "json_invalid",
-                    }
-                ]
-            ) from None
+    @staticmethod
+    async def _read(receive: Receive) -> bytes:
+        chunks, counter = [], ValueCounter()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise RequestInvalid(
+                    [
+                        {
+                            "loc": ["body"],
+                            "msg": "client disconnected during the body",
+                            "type": "incomplete",
+                        }
+                    ]
+                )
+            chunk = message.get("body", b"")
+            counter.feed(chunk)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-        if _ESCAPED_SURROGATE.search(raw):
-            errors = [
-                {
-                    "loc": ["body", *loc],
-                    "msg": "lone surrogate: not valid Unicode text",
-                    "type": "string_unicode",
-                }
-                for loc in lone_surrogates(body)
-            ]
-            if errors:
-                raise RequestInvalid(errors)
-        return body
+    def _check(self, raw: bytes) -> None:
+        body = parse(raw, self._encoding)
+        check_surrogates(raw, body)
+        if not (body is None and self._nullable):
+            self._validate(body)
 
     def _validate(self, body: t.Any) -> None:
         if body is None:
@@ -204,6 +193,20 @@ class ContractJSONBodyValidator(JSONRequestBodyValidator):
         errors = schema_errors(self._validator, body, ["body"])
         if errors:
             raise RequestInvalid(errors)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The whole body in one message, then the connection's own messages (a disconnect)."""
+    sent = False
+
+    async def replay() -> t.MutableMapping[str, t.Any]:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 VALIDATOR_MAP = {

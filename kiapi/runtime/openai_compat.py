@@ -58,6 +58,7 @@ def parse_openai_request(registry: Registry, body: dict[str, Any]) -> OpenAIEmbe
         raise BadRequest(f"model {spec.name!r} does not take text input", param="model")
     dimensions = body.get("dimensions")
     if dimensions is not None:
+        dimensions = int(dimensions)  # JSON Schema 2020-12: 64.0 is the integer 64
         check_dimensions(spec, dimensions)
     return OpenAIEmbeddingRequest(
         spec, tuple(texts), body.get("encoding_format") or FLOAT, dimensions
