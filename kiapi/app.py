@@ -21,12 +21,13 @@ from connexion.middleware.security import SecurityMiddleware
 from connexion.middleware.swagger_ui import SwaggerUIMiddleware
 from connexion.options import SwaggerUIOptions
 from connexion.resolver import RelativeResolver
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from kiapi.config import Settings
 from kiapi.http.docs import ASSETS_PATH, doc_routes
 from kiapi.http.errors import install_error_handlers
-from kiapi.http.guards import BearerAuth, BodyLimit
+from kiapi.http.guards import BearerAuth, BodyLimit, BrowserGuard, HostAllowList
 from kiapi.http.jsonifier import OrjsonJsonifier
 from kiapi.http.multipart import is_multipart
 from kiapi.http.observe import ObserveRequests
@@ -76,11 +77,20 @@ MIDDLEWARES = [
 
 def middlewares(settings: Settings, doc_paths: list[str]) -> list:
     """:data:`MIDDLEWARES` with kiapi's guards just inside the exception middleware (what they
-    raise is mapped like any error): the bearer token first, so an anonymous body is never
+    raise is mapped like any error): without a token the browser guard (Host, Origin), with
+    one the bearer token first, so an anonymous body is never
     read, then the body limit. Outermost, :class:`ObserveRequests` (log line, metrics) and
     :class:`ReleaseWhenQuiet` see every request.
     ``doc_paths``: the documentation routes, public like :data:`PUBLIC_PATHS`."""
     guards: list = []
+    if not settings.token:
+        guards.append(
+            partial(
+                BrowserGuard,
+                hosts=HostAllowList(settings.host, settings.allowed_hosts),
+                allowed_origins=settings.allowed_origins,
+            )
+        )
     if settings.token:
         public = frozenset(PUBLIC_PATHS | set(doc_paths))
         guards.append(partial(BearerAuth, token=settings.token, is_public=public_path(public)))
@@ -93,9 +103,25 @@ def middlewares(settings: Settings, doc_paths: list[str]) -> list:
         )
     )
     position = MIDDLEWARES.index(ExceptionMiddleware) + 1
+    # With a token, browsers may call from the configured origins (CORS; preflights need no
+    # token). Without one, BrowserGuard refuses other origins outright.
+    cors = (
+        [
+            partial(
+                CORSMiddleware,
+                allow_origins=settings.allowed_origins,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type"],
+                expose_headers=["X-Kiapi-Job-Id", "Retry-After"],
+            )
+        ]
+        if settings.token and settings.allowed_origins
+        else []
+    )
     return [
         ObserveRequests,
         ReleaseWhenQuiet,
+        *cors,
         *MIDDLEWARES[:position],
         *guards,
         *MIDDLEWARES[position:],

@@ -20,14 +20,15 @@ def _serve(args: argparse.Namespace) -> int:
     from kiapi.logs import configure
     from kiapi.runtime import heap
 
-    settings = Settings()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
     heap.limit_arenas(settings.malloc_arenas)  # before the threads that allocate start
     configure(settings.log_level, settings.log_format)
-    if not settings.token and not is_loopback(args.host):
+    if not settings.token and not is_loopback(settings.host):
         logging.getLogger("kiapi").warning(
             "serving on %s without KIAPI_AUTH_TOKEN: anyone who can reach this address can use "
             "every endpoint (see SECURITY.md)",
-            args.host,
+            settings.host,
         )
     app = create_app(settings)
     # lifespan="on": a missing handler or a failing start-up stops the server instead of
@@ -35,8 +36,10 @@ def _serve(args: argparse.Namespace) -> int:
     # and configures the loggers itself (log_config=None keeps uvicorn's hands off).
     uvicorn.run(
         app,
-        host=args.host,
-        port=args.port,
+        host=settings.host,
+        port=settings.port,
+        timeout_keep_alive=int(max(1, settings.header_timeout_s)),
+        limit_concurrency=settings.max_connections,
         lifespan="on",
         log_level=settings.log_level,
         log_config=None,
@@ -103,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP server")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", help="bind address (default: $KIAPI_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: $KIAPI_PORT or 8000)")
     serve.set_defaults(func=_serve)
 
     doctor = sub.add_parser(

@@ -47,6 +47,26 @@ class Settings(BaseSettings):
         description="When set, every endpoint but /health and the docs needs "
         "'Authorization: Bearer <token>'; else 401.",
     )
+    host: str = Field(
+        "127.0.0.1", description="Bind address of `kiapi serve` (its --host overrides it)."
+    )
+    port: int = Field(8000, ge=0, le=65535, description="Port of `kiapi serve` (--port).")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Without a token: Host names answered besides loopback and the bound host, "
+        "comma-separated ('.example.com' for a domain and its subdomains, '*' for any).",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins (scheme://host:port) that may call the API cross-site, "
+        "comma-separated; without a token every other cross-site request is a 403.",
+    )
+    header_timeout_s: PositiveFloat = Field(
+        10, description="Seconds a connection may take to send its request headers."
+    )
+    max_connections: PositiveInt = Field(
+        512, description="Concurrent connections `kiapi serve` accepts; more -> 503."
+    )
     max_queue: PositiveInt = Field(
         256, description="Jobs that may wait for the worker; more -> 503."
     )
@@ -132,6 +152,16 @@ class Settings(BaseSettings):
         description="Let image URLs reach loopback, private, link-local and other non-public "
         "addresses (refused by default: SSRF).",
     )
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @field_validator("local_input_roots", mode="before")
     @classmethod

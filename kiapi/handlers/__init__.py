@@ -8,6 +8,17 @@ from connexion import request
 from kiapi.runtime.core import Runtime
 
 JOB_ID_HEADER = "X-Kiapi-Job-Id"  # the job(s) that answered a request, for logs and /v1/jobs
+JOB_COUNT_HEADER = "X-Kiapi-Job-Count"
+MAX_HEADER_JOB_IDS = 8  # keeps response headers short whatever the number of inputs
+
+
+def job_headers(job_ids: list[str]) -> dict[str, str]:
+    """The jobs of a request for its response headers: up to ``MAX_HEADER_JOB_IDS`` ids
+    (comma-separated) and, when there are more, their count; GET /v1/jobs lists them all."""
+    headers = {JOB_ID_HEADER: ",".join(job_ids[:MAX_HEADER_JOB_IDS])}
+    if len(job_ids) > MAX_HEADER_JOB_IDS:
+        headers[JOB_COUNT_HEADER] = str(len(job_ids))
+    return headers
 
 
 def runtime() -> Runtime:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from kiapi.handlers import JOB_ID_HEADER, client_disconnected, runtime
+from kiapi.handlers import client_disconnected, job_headers, runtime
 from kiapi.runtime.catalog import EMBEDDING
 from kiapi.runtime.embedding import EmbeddingItem, embedding_job
 from kiapi.runtime.errors import NotFound
@@ -24,7 +24,7 @@ async def create_embeddings_v1_embeddings_post(body: dict):
         for text in request.texts
     ]
     done = await rt.run_sync(EMBEDDING, jobs, client_gone=client_disconnected)
-    headers = {JOB_ID_HEADER: ",".join(d.job_id for d in done)}
+    headers = job_headers([d.job_id for d in done])
     return embeddings_response(request, [d.output for d in done]), 200, headers
 
 

@@ -9,12 +9,96 @@ handlers) runs for a request they refuse.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiapi.runtime.errors import PayloadTooLarge, Unauthorized
+from kiapi.runtime.errors import Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def split_host(value: str) -> str:
+    """The host part of a ``Host`` header or an origin's netloc, lower case, without port or
+    IPv6 brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _is_ip(host: str, test: Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]):
+    try:
+        return test(ipaddress.ip_address(host))
+    except ValueError:
+        return False
+
+
+class HostAllowList:
+    """Which ``Host`` values a token-less server answers: loopback addresses, ``localhost`` and
+    ``*.localhost`` (RFC 6761: they never leave the machine), the bound host, and ``extra``
+    (``KIAPI_ALLOWED_HOSTS``: names, ``.example.com`` for a domain and its subdomains, ``*``
+    for any). Bound to every interface (``0.0.0.0``, ``::``), any IP literal is the server's
+    own address (a rebinding page cannot send one: its Host is its own name)."""
+
+    def __init__(self, bound_host: str, extra: Iterable[str] = ()) -> None:
+        bound = split_host(bound_host)
+        self.any_ip = _is_ip(bound, lambda ip: ip.is_unspecified)
+        self.names = {*LOOPBACK_NAMES, bound} | {e.lower() for e in extra if not e.startswith(".")}
+        self.suffixes = tuple(e.lower() for e in extra if e.startswith("."))
+
+    def allows(self, host: str) -> bool:
+        host = split_host(host)
+        if "*" in self.names or host in self.names or host.endswith(".localhost"):
+            return True
+        if host.endswith(self.suffixes) or any(host == s[1:] for s in self.suffixes):
+            return True
+        return _is_ip(host, lambda ip: ip.is_loopback or self.any_ip)
+
+
+class BrowserGuard:
+    """On a server without a token, refuses what a web page could make a browser send.
+
+    * DNS rebinding: a ``Host`` the server does not serve (:class:`HostAllowList`) -> 403.
+    * Cross-site requests (CSRF, a page reading answers): an ``Origin`` other than the
+      server's own (the request's ``Host``) and not in ``KIAPI_ALLOWED_ORIGINS`` -> 403.
+      Requests without ``Origin`` (curl, SDKs, same-origin GETs) pass.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, hosts: HostAllowList, allowed_origins: Iterable[str] = ()
+    ) -> None:
+        self.app = app
+        self.hosts = hosts
+        self.origins = {o.rstrip("/").lower() for o in allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host = headers.get("host", "")
+            if not self.hosts.allows(host):
+                raise Forbidden(
+                    "this server does not answer requests for this Host",
+                    hint="use http://127.0.0.1 or localhost, or add the name to "
+                    "KIAPI_ALLOWED_HOSTS (or set KIAPI_AUTH_TOKEN)",
+                )
+            origin = headers.get("origin")
+            if origin is not None and not self._same_site(origin, host):
+                raise Forbidden(
+                    "cross-origin requests are refused on a server without a token",
+                    hint="add the page's origin to KIAPI_ALLOWED_ORIGINS, or set KIAPI_AUTH_TOKEN",
+                )
+        await self.app(scope, receive, send)
+
+    def _same_site(self, origin: str, host: str) -> bool:
+        origin = origin.strip().rstrip("/").lower()
+        if origin in self.origins or "*" in self.origins:
+            return True
+        netloc = urlsplit(origin).netloc
+        return bool(netloc) and netloc == host.strip().lower()
 
 
 class BearerAuth:
@@ -45,7 +129,9 @@ class BearerAuth:
 
 
 class BodyLimit:
-    """Request bodies above ``max_bytes`` -> 413, from ``Content-Length`` before anything is read,
+    """Compressed bodies (any ``Content-Encoding`` but identity) -> 415 naming the encoding; a
+    body without a ``Content-Type`` -> 415 (Connexion would hand the handler raw bytes).
+    Request bodies above ``max_bytes`` -> 413, from ``Content-Length`` before anything is read,
     and by counting while a chunked body (no length) streams.
 
     A chunked body within the limit is read here and handed on with its ``Content-Length``:
@@ -62,10 +148,27 @@ class BodyLimit:
         self._exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._exempt(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise UnsupportedMediaType(
+                f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed",
+                hint="drop the Content-Encoding header and compression",
+            )
+        declared = headers.get("content-length")
+        if "content-type" not in headers and (
+            (declared or "0") != "0" or "chunked" in headers.get("transfer-encoding", "").lower()
+        ):
+            raise UnsupportedMediaType(
+                "the request has a body but no Content-Type",
+                hint="send Content-Type: application/json (or multipart/form-data for uploads)",
+            )
+        if self._exempt(scope):
+            await self.app(scope, receive, send)
+            return
         declared = headers.get("content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > self.max_bytes:

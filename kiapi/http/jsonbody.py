@@ -122,7 +122,9 @@ def lone_surrogates(value: t.Any, loc: tuple = ()) -> t.Iterator[list[t.Any]]:
 
 
 def check_surrogates(raw: bytes, body: t.Any) -> None:
-    if _ESCAPED_SURROGATE.search(raw):
+    """422 naming every string with a lone surrogate; the parsed value is walked only when the
+    bytes hold a ``\\uD8..``-``\\uDF..`` escape (a substring search, fast on any body)."""
+    if (b"\\ud" in raw or b"\\uD" in raw) and _ESCAPED_SURROGATE.search(raw):
         errors = [
             {
                 "loc": ["body", *loc],

@@ -17,6 +17,18 @@ from kiapi.specs import operation_id
 
 access_log = logging.getLogger("kiapi.access")
 
+MAX_LOGGED_CHARS = 2000
+
+
+def log_safe(text: str) -> str:
+    """Request-controlled text for a text log line: control characters (CR, LF, ESC, ...),
+    backslashes and non-ASCII escaped, so it can never start a line of its own or forge one;
+    at most ``MAX_LOGGED_CHARS``. (JSON lines need nothing: the encoder escapes.)"""
+    if len(text) > MAX_LOGGED_CHARS:
+        text = text[:MAX_LOGGED_CHARS] + "..."
+    return text.encode("unicode_escape").decode("ascii")
+
+
 JOB_HEADER = b"x-kiapi-job-id"
 UNMATCHED = "unmatched"
 
@@ -55,14 +67,14 @@ class ObserveRequests:
         duration_ms = round(seconds * 1000, 2)
         access_log.info(
             "%s %s %d %.1fms%s",
-            method,
-            path,
+            log_safe(method),
+            log_safe(path),
             status,
             duration_ms,
             f" job={job}" if job else "",
             extra={
                 "method": method,
-                "path": path,
+                "path": path[:MAX_LOGGED_CHARS],
                 "status": status,
                 "duration_ms": duration_ms,
                 "operation": operation,

@@ -50,6 +50,7 @@ def embedding_models() -> list[ModelSpec]:
             source=WeightSource("mlx-community/Qwen3-Embedding-8B-mxfp8", requires=TEXT_ENGINE),
             pooling="last",
             dimensions_min=32,  # trained with Matryoshka learning: 32..4096
+            dimensions_max=4096,
         ),
         ModelSpec(
             name="qwen3-vl-embedding-2b",
@@ -68,6 +69,7 @@ def embedding_models() -> list[ModelSpec]:
             ),
             pooling="last",
             dimensions_min=64,  # trained with Matryoshka learning: 64..2048
+            dimensions_max=2048,
         ),
         ModelSpec(
             name="all-minilm-l6-v2",

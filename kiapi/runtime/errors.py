@@ -168,3 +168,18 @@ class SyncTimeout(KiapiError):
             hint=f"poll GET /v1/jobs/{job_id} for its status and result",
             job_id=job_id,
         )
+
+
+class Forbidden(KiapiError):
+    """A request the server refuses whoever sends it: a ``Host`` it does not serve (DNS
+    rebinding) or a cross-site ``Origin`` on a server without a token."""
+
+    status = 403
+    code = "forbidden"
+
+
+class UnsupportedMediaType(KiapiError):
+    """A body in an encoding or content type the operation does not take."""
+
+    status = 415
+    code = "unsupported_media_type"

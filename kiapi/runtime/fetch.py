@@ -110,7 +110,7 @@ class GuardedBackend(httpcore.SyncBackend):
                 reason = self.refuse(ip)
                 if reason:
                     raise BadRequest(
-                        f"the image URL (or a redirect it gave) points at {host} = {ip}, "
+                        f"the image URL (or a redirect it gave) points at {host}, "
                         f"{reason}; kiapi fetches only public addresses",
                         hint="set KIAPI_ALLOW_PRIVATE_URLS=true to let image URLs reach "
                         "private and local addresses",

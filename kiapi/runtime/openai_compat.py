@@ -77,6 +77,12 @@ def check_dimensions(spec: ModelSpec, dimensions: int) -> None:
             f"'dimensions' must be at least {spec.dimensions_min} for model {spec.name!r}",
             param="dimensions",
         )
+    if spec.dimensions_max is not None and dimensions > spec.dimensions_max:
+        raise BadRequest(
+            f"'dimensions' is {dimensions} but {spec.name!r} makes vectors of "
+            f"{spec.dimensions_max}",
+            param="dimensions",
+        )
 
 
 def encode_vector(vector: np.ndarray, encoding_format: str) -> np.ndarray | str:

@@ -50,6 +50,7 @@ class ModelSpec:
     source: WeightSource | None = None  # where its weights are found (None: the loader knows)
     pooling: str | None = None  # embedding models: "mean" or "last" (token)
     dimensions_min: int | None = None  # smallest truncation (Matryoshka); None: cannot truncate
+    dimensions_max: int | None = None  # the model's vector length, when the catalog knows it
 
     @property
     def names(self) -> tuple[str, ...]:

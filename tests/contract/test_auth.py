@@ -49,7 +49,7 @@ def client(tmp_path_factory):
         warmup="none",
         auth_token=TOKEN,
     )
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -148,7 +148,7 @@ def test_401_bodies_match_the_documented_schema(client):
 
 def test_without_a_token_nothing_is_secured(tmp_path):
     settings = Settings(_env_file=None, files_root=tmp_path / "files", warmup="none")
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         assert c.get("/v1/files").status_code == 200
         doc = c.get("/openapi.json").json()
         assert "securitySchemes" not in doc.get("components", {})
@@ -157,5 +157,5 @@ def test_without_a_token_nothing_is_secured(tmp_path):
 
 def test_an_empty_token_setting_means_no_auth(tmp_path):
     settings = Settings(_env_file=None, files_root=tmp_path / "f", warmup="none", auth_token="")
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         assert c.get("/v1/files").status_code == 200

@@ -38,7 +38,7 @@ def make_client(tmp_path, **overrides) -> TestClient:
     settings = Settings(
         _env_file=None, files_root=tmp_path / "files", memory_limit_gb=4.0, **overrides
     )
-    return TestClient(create_app(settings))
+    return TestClient(create_app(settings), base_url="http://127.0.0.1")
 
 
 @pytest.fixture(scope="module")

@@ -56,11 +56,11 @@ def test_files_sequence_upload_get_list_download_delete(client):
 
 
 def test_files_survive_a_restart(settings):
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         record = c.post(
             "/v1/files", files={"file": ("keep.bin", b"persist me", "application/octet-stream")}
         ).json()
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         assert c.get(f"/v1/files/{record['file_id']}").json() == record
         assert c.get(f"/v1/files/{record['file_id']}/download").content == b"persist me"
 
@@ -143,7 +143,9 @@ def gated(tmp_path):
     def runtime(s):
         return Runtime(s, registry=Registry([spec]))
 
-    with TestClient(create_app(settings, runtime_factory=runtime)) as client:
+    with TestClient(
+        create_app(settings, runtime_factory=runtime), base_url="http://127.0.0.1"
+    ) as client:
         yield client, model
         model.gate.set()
 

@@ -113,7 +113,7 @@ def small_cap_client(tmp_path):
     from kiapi.config import Settings
 
     s = Settings(_env_file=None, files_root=tmp_path / "f", max_upload_mb=1 / 1024)  # 1 KiB
-    return TestClient(create_app(s)), s
+    return TestClient(create_app(s), base_url="http://127.0.0.1"), s
 
 
 def test_upload_over_cap_is_413_by_content_length(tmp_path):
@@ -172,7 +172,7 @@ def small_body_client(tmp_path):
     from kiapi.config import Settings
 
     s = Settings(_env_file=None, files_root=tmp_path / "f", warmup="none", max_body_mb=1 / 1024)
-    with TestClient(create_app(s)) as c:
+    with TestClient(create_app(s), base_url="http://127.0.0.1") as c:
         yield c
 
 

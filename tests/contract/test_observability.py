@@ -40,7 +40,7 @@ def value(samples, name, **labels) -> float:
 
 def test_metrics_count_requests_jobs_batches_and_residents(tmp_path):
     settings = Settings(_env_file=None, files_root=tmp_path / "files", memory_limit_gb=4.0)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         wait_until(lambda: c.get("/health").json()["warm"])
         before = scrape(c)
         for text in ("one", "two"):
@@ -138,7 +138,7 @@ def test_a_model_load_is_a_job_with_progress_while_it_runs(tmp_path):
 
 def test_the_real_loader_reports_its_phases(tmp_path):
     settings = Settings(_env_file=None, files_root=tmp_path / "files", memory_limit_gb=4.0)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         wait_until(lambda: c.get("/health").json()["warm"])
         jobs = c.get("/v1/jobs").json()["data"]
     load = next(j for j in jobs if j["type"] == "model_load")

@@ -68,7 +68,7 @@ def raw_post(server_url, body: dict) -> socket.socket:
     payload = json.dumps(body).encode()
     sock = socket.create_connection((host, int(port)))
     sock.sendall(
-        b"POST /v1/embedding HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/embedding HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )

@@ -24,7 +24,7 @@ def test_a_client_leaving_mid_chunked_body_reaches_nothing_and_raises_nothing():
     scope = {
         "type": "http",
         "path": "/v1/embedding",
-        "headers": [(b"transfer-encoding", b"chunked")],
+        "headers": [(b"transfer-encoding", b"chunked"), (b"content-type", b"application/json")],
     }
     asyncio.run(BodyLimit(app, max_bytes=1000)(scope, receive, send))
     assert called == []

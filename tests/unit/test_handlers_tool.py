@@ -32,7 +32,10 @@ def test_missing_handler_fails_startup(settings, monkeypatch):
     import kiapi.handlers.common as common
 
     monkeypatch.delattr(common, "list_jobs_v1_jobs_get")
-    with pytest.raises(Exception, match="list_jobs_v1_jobs_get"), TestClient(create_app(settings)):
+    with (
+        pytest.raises(Exception, match="list_jobs_v1_jobs_get"),
+        TestClient(create_app(settings), base_url="http://127.0.0.1"),
+    ):
         pass
 
 
