@@ -22,17 +22,19 @@ from dataclasses import dataclass, field
 
 import python_multipart
 from connexion.validators import AbstractRequestBodyValidator
-from jsonschema import Draft4Validator
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import Receive, Scope
 
+from kiapi.http.bounded_schema import BoundedValidator
 from kiapi.runtime.errors import PayloadTooLarge, RequestInvalid
 from kiapi.runtime.files import FileStore, StagedFile
 
 FORM_SCOPE_KEY = "kiapi.form"
 MAX_FIELD_BYTES = 64 * 1024  # a non-file form field
+MAX_FIELDS = 32  # non-file form fields (and skipped file parts) in one form
+MAX_FIELDS_BYTES = 256 * 1024  # all non-file form fields together
 FORM_OVERHEAD_BYTES = 1024 * 1024  # headers, boundaries and text fields beside the files
 
 
@@ -85,6 +87,8 @@ class _FormBuilder:
         self._headers: dict[str, bytes] = {}
         self._sink: StagedFile | bytearray | None = None
         self._name = ""
+        self._parts = 0  # parts that are not the operation's files
+        self._field_bytes = 0
         self.complete = False  # set when the closing boundary has been parsed
 
     def callbacks(self) -> dict[str, t.Callable]:
@@ -124,18 +128,30 @@ class _FormBuilder:
                 self._headers.get("content-type", b"").decode("latin-1") or None,
             )
             self._sink = staged
-        elif filename is not None:
-            self._sink = None  # a file for a field the operation does not take: skip its bytes
         else:
-            self._sink = bytearray()
+            self._parts += 1
+            if self._parts > MAX_FIELDS:
+                raise PayloadTooLarge(
+                    f"the form has more than {MAX_FIELDS} fields besides its file",
+                    hint="send only the fields the operation documents",
+                )
+            # a file for a field the operation does not take: its bytes are skipped
+            self._sink = None if filename is not None else bytearray()
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if isinstance(self._sink, StagedFile):
             self._sink.write(data[start:end])
         elif isinstance(self._sink, bytearray):
             self._sink.extend(data[start:end])
+            self._field_bytes += end - start
             if len(self._sink) > MAX_FIELD_BYTES:
-                raise PayloadTooLarge(f"form field {self._name!r} exceeds {MAX_FIELD_BYTES} bytes")
+                raise PayloadTooLarge(
+                    f"form field {self._name[:60]!r} exceeds {MAX_FIELD_BYTES} bytes"
+                )
+            if self._field_bytes > MAX_FIELDS_BYTES:
+                raise PayloadTooLarge(
+                    f"the form's text fields exceed {MAX_FIELDS_BYTES} bytes in all"
+                )
 
     def _end(self) -> None:
         self.complete = True
@@ -206,7 +222,7 @@ class StreamingMultipartValidator(AbstractRequestBodyValidator):
         text_schema = copy.deepcopy(self._schema)
         text_schema["properties"] = {k: v for k, v in properties.items() if not _is_binary(v)}
         text_schema.pop("required", None)
-        validator = Draft4Validator(text_schema, format_checker=Draft4Validator.FORMAT_CHECKER)
+        validator = BoundedValidator(text_schema, format_checker=BoundedValidator.FORMAT_CHECKER)
         for error in validator.iter_errors(form.fields):
             errors.append(
                 {

@@ -325,3 +325,14 @@ def test_aborted_downloads_close_their_files(tmp_path):
             if os.path.exists(f"/proc/self/fd/{fd}")
         ]
         assert open_fds.count(target) == 0
+
+
+# -- 6. Multipart: only the file part may be large ---------------------------------------------
+def test_form_fields_are_limited_in_count_and_bytes(client):
+    many = {f"f{i}": "x" for i in range(40)}
+    r = client.post("/v1/files", files={"file": ("a.txt", b"a", "text/plain")}, data=many)
+    assert r.status_code == 413 and "32 fields" in r.json()["detail"], r.text
+    big = {f"f{i}": "x" * 60_000 for i in range(6)}
+    r = client.post("/v1/files", files={"file": ("a.txt", b"a", "text/plain")}, data=big)
+    assert r.status_code == 413 and "in all" in r.json()["detail"], r.text
+    assert client.get("/v1/files").json()["data"] == []
