@@ -17,6 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from kiapi.app import create_app
     from kiapi.config import Settings
+    from kiapi.http.server import protocol_with_header_deadline
     from kiapi.logs import configure
     from kiapi.runtime import heap
 
@@ -38,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        http=protocol_with_header_deadline(settings.header_timeout_s),
         timeout_keep_alive=int(max(1, settings.header_timeout_s)),
         limit_concurrency=settings.max_connections,
         lifespan="on",

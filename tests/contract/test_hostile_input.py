@@ -336,3 +336,20 @@ def test_form_fields_are_limited_in_count_and_bytes(client):
     r = client.post("/v1/files", files={"file": ("a.txt", b"a", "text/plain")}, data=big)
     assert r.status_code == 413 and "in all" in r.json()["detail"], r.text
     assert client.get("/v1/files").json()["data"] == []
+
+
+# -- 10. Idle connections are closed; /health keeps answering ----------------------------------
+def test_connections_that_send_no_request_are_closed(tmp_path):
+    import socket
+
+    with kiapi_serve(tmp_path, KIAPI_HEADER_TIMEOUT_S="1") as url:
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(50)]
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finishes its head
+        time.sleep(2.5)
+        for sock in [*idle, slow]:
+            sock.settimeout(2)
+            assert sock.recv(1) == b""  # closed by the server
+            sock.close()
+        assert httpx.get(f"{url}/health").status_code == 200
