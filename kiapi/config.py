@@ -31,6 +31,16 @@ def default_files_root() -> Path:
     return platformdirs.user_data_path("kiapi") / "files"
 
 
+def _split_list(value: Any, separator: str) -> Any:
+    """A list setting from the environment: JSON (``[...]``) or ``separator``-separated."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [part.strip() for part in text.split(separator) if part.strip()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KIAPI_", env_file=".env", extra="ignore")
 
@@ -156,22 +166,12 @@ class Settings(BaseSettings):
     @field_validator("allowed_hosts", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return _split_list(value, ",")
 
     @field_validator("local_input_roots", mode="before")
     @classmethod
     def _split_paths(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part for part in text.split(os.pathsep) if part.strip()]
-        return value
+        return _split_list(value, os.pathsep)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -178,7 +178,7 @@ class BodyLimit:
             body = await self._read_chunked(receive)
             if body is None:
                 return  # the client went away mid-body: no one to answer
-            await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
+            await self.app(_with_length(scope, len(body)), replay_body(body, receive), send)
         else:
             await self.app(scope, receive, send)
 
@@ -213,7 +213,7 @@ def _with_length(scope: Scope, length: int) -> Scope:
     return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """The whole body in one message, then the connection's own messages (a disconnect)."""
     sent = False
 

@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope
 
 from kiapi.http.bounded_schema import BoundedRequestValidator, BoundedValidator, excerpt
+from kiapi.http.guards import replay_body
 from kiapi.http.jsonbody import ValueCounter, check_surrogates, parse
 from kiapi.http.multipart import StreamingMultipartValidator
 from kiapi.runtime.errors import RequestInvalid
@@ -156,7 +157,7 @@ class ContractJSONBodyValidator(JSONRequestBodyValidator):
             await run_in_threadpool(self._check, raw)
         else:
             self._check(raw)
-        return _replay(raw, receive), scope
+        return replay_body(raw, receive), scope
 
     @staticmethod
     async def _read(receive: Receive) -> bytes:
@@ -193,20 +194,6 @@ class ContractJSONBodyValidator(JSONRequestBodyValidator):
         errors = schema_errors(self._validator, body, ["body"])
         if errors:
             raise RequestInvalid(errors)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """The whole body in one message, then the connection's own messages (a disconnect)."""
-    sent = False
-
-    async def replay() -> t.MutableMapping[str, t.Any]:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
 
 
 VALIDATOR_MAP = {
