@@ -21,6 +21,17 @@ from kiapi.runtime.errors import Forbidden, PayloadTooLarge, Unauthorized, Unsup
 LOOPBACK_NAMES = ("localhost",)
 
 
+def has_body(scope: Scope) -> bool:
+    """True when the request announces a body (a non-zero Content-Length, or chunked)."""
+    headers = Headers(scope=scope)
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return True
+    try:
+        return int(headers.get("content-length", "0")) > 0
+    except ValueError:
+        return False
+
+
 def split_host(value: str) -> str:
     """The host part of a ``Host`` header or an origin's netloc, lower case, without port or
     IPv6 brackets."""
@@ -158,10 +169,7 @@ class BodyLimit:
                 f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed",
                 hint="drop the Content-Encoding header and compression",
             )
-        declared = headers.get("content-length")
-        if "content-type" not in headers and (
-            (declared or "0") != "0" or "chunked" in headers.get("transfer-encoding", "").lower()
-        ):
+        if "content-type" not in headers and has_body(scope):
             raise UnsupportedMediaType(
                 "the request has a body but no Content-Type",
                 hint="send Content-Type: application/json (or multipart/form-data for uploads)",

@@ -15,11 +15,10 @@ from connexion.utils import is_null, is_nullable
 from connexion.validators import JSONRequestBodyValidator, ParameterValidator
 from jsonschema import Draft4Validator, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.types import Receive, Scope
 
 from kiapi.http.bounded_schema import BoundedRequestValidator, BoundedValidator, excerpt
-from kiapi.http.guards import replay_body
+from kiapi.http.guards import has_body, replay_body
 from kiapi.http.jsonbody import ValueCounter, check_surrogates, parse
 from kiapi.http.multipart import StreamingMultipartValidator
 from kiapi.runtime.errors import RequestInvalid
@@ -49,10 +48,10 @@ def _describe(error: ValidationError, loc_prefix: list[t.Any]) -> list[dict[str,
     entry: dict[str, t.Any] = {"loc": loc, "msg": error.message, "type": str(error.validator)}
     if isinstance(error.instance, str) and len(error.instance) > EXCERPT_INPUT_CHARS:
         entry["input"] = error.instance[:EXCERPT_INPUT_CHARS] + "..."
-    elif isinstance(error.instance, (str, int, float, bool)) or error.instance is None:
-        entry["input"] = (
-            _short_int(error.instance) if isinstance(error.instance, int) else (error.instance)
-        )
+    elif isinstance(error.instance, int):  # bool too: True < 10**30
+        entry["input"] = _short_int(error.instance)
+    elif isinstance(error.instance, (str, float)) or error.instance is None:
+        entry["input"] = error.instance
     return [entry]
 
 
@@ -62,17 +61,6 @@ def _short_int(value: int) -> int | str:
 
 def missing_body_error() -> RequestInvalid:
     return RequestInvalid([{"loc": ["body"], "msg": "Field required", "type": "missing"}])
-
-
-def has_body(scope: Scope) -> bool:
-    """True when the request announces a body (a non-zero Content-Length, or chunked)."""
-    headers = Headers(scope=scope)
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return True
-    try:
-        return int(headers.get("content-length", "0")) > 0
-    except ValueError:
-        return False
 
 
 class ContractParameterValidator(ParameterValidator):
@@ -183,8 +171,7 @@ class ContractJSONBodyValidator(JSONRequestBodyValidator):
     def _check(self, raw: bytes) -> None:
         body = parse(raw, self._encoding)
         check_surrogates(raw, body)
-        if not (body is None and self._nullable):
-            self._validate(body)
+        self._validate(body)
 
     def _validate(self, body: t.Any) -> None:
         if body is None:
