@@ -107,10 +107,33 @@ def served_document(name: str, *, auth: bool = False) -> dict[str, Any]:
     """Cached served document for the installed ``specs/`` (treat it as read-only).
 
     ``auth``: the server requires a bearer token (``KIAPI_AUTH_TOKEN``), so the document also
-    declares the security scheme and the 401 answers (:func:`with_bearer_auth`).
+    declares the security scheme and the 401 answers (:func:`with_bearer_auth`); without one,
+    the 403 of the browser guard (:func:`with_browser_guard`).
     """
     served = load_served(name)
-    return with_bearer_auth(served, SOURCES_BY_NAME[name].error_schema) if auth else served
+    error_schema = SOURCES_BY_NAME[name].error_schema
+    return (
+        with_bearer_auth(served, error_schema) if auth else with_browser_guard(served, error_schema)
+    )
+
+
+def with_browser_guard(spec: dict[str, Any], error_schema: str = "ErrorResponse") -> dict[str, Any]:
+    """``spec`` plus the 403 a token-less server answers to a foreign ``Host`` or a cross-site
+    ``Origin`` (``kiapi.http.guards.BrowserGuard``), on every operation. Added with
+    :func:`add_only_merge`, so nothing the document says is changed."""
+    forbidden = {
+        "description": "The server has no token, so it serves only its own address and origin: "
+        "the Host header is not a loopback name, the bound host or in KIAPI_ALLOWED_HOSTS, or "
+        "the Origin header is a site other than the server's own and not in "
+        "KIAPI_ALLOWED_ORIGINS (DNS rebinding and cross-site requests, see SECURITY.md).",
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{error_schema}"}}
+        },
+    }
+    paths: dict[str, Any] = {}
+    for method, path, _operation in operations(spec):
+        paths.setdefault(path, {})[method] = {"responses": {"403": forbidden}}
+    return add_only_merge(spec, {"paths": paths})
 
 
 # Operations anyone may call when a token is required (besides the documentation pages).

@@ -3,8 +3,11 @@ one function per operationId. Handlers stay thin: they translate between HTTP an
 
 from __future__ import annotations
 
+import typing as t
+
 from connexion import request
 
+from kiapi.http.validation import PARSED_BODY
 from kiapi.runtime.core import Runtime
 
 JOB_ID_HEADER = "X-Kiapi-Job-Id"  # the job(s) that answered a request, for logs and /v1/jobs
@@ -19,6 +22,13 @@ def job_headers(job_ids: list[str]) -> dict[str, str]:
     if len(job_ids) > MAX_HEADER_JOB_IDS:
         headers[JOB_COUNT_HEADER] = str(len(job_ids))
     return headers
+
+
+def json_body() -> t.Any:
+    """The current request's JSON body, parsed once by the body validator (off the event loop
+    when large). Handlers of JSON operations call this instead of taking a ``body`` argument:
+    Connexion would parse the body again, on the event loop."""
+    return request.scope.get(PARSED_BODY)
 
 
 def runtime() -> Runtime:

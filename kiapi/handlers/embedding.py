@@ -6,12 +6,13 @@ import time
 
 from starlette.concurrency import run_in_threadpool
 
-from kiapi.handlers import JOB_ID_HEADER, client_disconnected, runtime
+from kiapi.handlers import JOB_ID_HEADER, client_disconnected, json_body, runtime
 from kiapi.runtime.catalog import EMBEDDING
 from kiapi.runtime.embedding import EmbeddingItem, embedding_job, parse_request
 
 
-async def embedding_v1_embedding_post(body: dict):
+async def embedding_v1_embedding_post():
+    body = json_body()
     received = time.perf_counter()
     rt = runtime()
     request = parse_request(rt.registry, body)

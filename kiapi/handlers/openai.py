@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 
-from kiapi.handlers import client_disconnected, job_headers, runtime
+from kiapi.handlers import client_disconnected, job_headers, json_body, runtime
 from kiapi.runtime.catalog import EMBEDDING
 from kiapi.runtime.embedding import EmbeddingItem, embedding_job
-from kiapi.runtime.errors import NotFound
+from kiapi.runtime.errors import NotFound, excerpt
 from kiapi.runtime.openai_compat import embeddings_response, parse_openai_request
 
 
-async def create_embeddings_v1_embeddings_post(body: dict):
+async def create_embeddings_v1_embeddings_post():
+    body = json_body()
     received = time.perf_counter()
     rt = runtime()
     request = parse_openai_request(rt.registry, body)
@@ -38,4 +39,4 @@ async def retrieve_model_v1_models__model__get(model: str):
     for entry in rt.servable_models(EMBEDDING) if spec is not None else []:
         if entry["id"] == spec.name:
             return entry
-    raise NotFound(f"no servable model {model!r}; GET /v1/models lists them", param="model")
+    raise NotFound(f"no servable model {excerpt(model)}; GET /v1/models lists them", param="model")

@@ -15,28 +15,13 @@ for every generator of valid requests; Draft 4's checker would refuse it.
 from __future__ import annotations
 
 import re
-import reprlib
-import typing as t
 
 from connexion.json_schema import Draft4RequestValidator, allow_nullable
 from jsonschema import Draft4Validator, Draft7Validator, ValidationError
 from jsonschema._utils import equal, uniq
 from jsonschema.validators import extend
 
-_REPR = reprlib.Repr()
-_REPR.maxstring = 60
-_REPR.maxother = 60
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 5
-_REPR.maxlevel = 3
-_REPR.maxlong = 40
-
-EXCERPT_CHARS = 80
-
-
-def excerpt(value: t.Any) -> str:
-    """A repr of ``value`` of at most ~``EXCERPT_CHARS`` characters, whatever its size."""
-    text = _REPR.repr(value)
-    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
+from kiapi.runtime.errors import excerpt
 
 
 def _items(base):

@@ -13,12 +13,15 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiapi.runtime.errors import Forbidden, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
 LOOPBACK_NAMES = ("localhost",)
+JOIN_INLINE_BYTES = 1024 * 1024
+"""A chunked body larger than this is joined on a worker thread."""
 
 
 def has_body(scope: Scope) -> bool:
@@ -203,6 +206,8 @@ class BodyLimit:
                 raise self._too_large("the request body")
             chunks.append(chunk)
             if not message.get("more_body", False):
+                if size > JOIN_INLINE_BYTES:  # a memcpy without the GIL, off the loop
+                    return await run_in_threadpool(b"".join, chunks)
                 return b"".join(chunks)
 
     def _too_large(self, what: str) -> PayloadTooLarge:

@@ -9,7 +9,24 @@ bug and surfaces as a 500.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, ClassVar
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 5
+_REPR.maxlevel = 3
+_REPR.maxlong = 40
+
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: Any) -> str:
+    """A repr of ``value`` of at most ~``EXCERPT_CHARS`` characters, whatever its size: how a
+    message quotes anything a request sent (error bodies never echo the input back)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
 
 
 class KiapiError(Exception):

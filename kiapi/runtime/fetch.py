@@ -23,7 +23,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from kiapi.runtime.errors import BadRequest
+from kiapi.runtime.errors import BadRequest, excerpt
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Refusal = Callable[[IPAddress], str | None]
@@ -73,7 +73,7 @@ def resolve(host: str, port: int, resolver: Resolver = socket.getaddrinfo) -> li
     try:
         infos = resolver(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
-        raise BadRequest(f"the image URL's host {host!r} does not resolve: {exc}") from None
+        raise BadRequest(f"the image URL's host {excerpt(host)} does not resolve: {exc}") from None
     found: list[IPAddress] = []
     for _family, _type, _proto, _name, sockaddr in infos:
         ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
@@ -170,7 +170,7 @@ def fetch_image_bytes(
                 raise BadRequest(f"fetching the image URL gave HTTP {response.status_code}")
             content_type = response.headers.get("content-type")
             if not is_image_media_type(content_type):
-                raise BadRequest(f"the image URL serves {content_type!r}, not an image")
+                raise BadRequest(f"the image URL serves {excerpt(content_type)}, not an image")
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > max_bytes:
                 raise BadRequest(f"the image URL serves {declared} bytes, over {max_bytes}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiapi.runtime.errors import BadRequest, ModelNotSetUp, UnknownModel
+from kiapi.runtime.errors import BadRequest, ModelNotSetUp, UnknownModel, excerpt
 from kiapi.runtime.weights import WeightSource, locate, weights_size_gb
 
 
@@ -176,7 +176,7 @@ class Registry:
             f"{s.name} (aliases: {', '.join(s.aliases)})" if s.aliases else s.name for s in models
         )
         raise UnknownModel(
-            f"unknown {family} model {name!r}; valid choices: {choices}", param="model"
+            f"unknown {family} model {excerpt(name)}; valid choices: {choices}", param="model"
         )
 
     def capability_models(self, family: str) -> list[dict]:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from kiapi.specs import SPEC_SOURCES, load_served
+from kiapi.specs import SPEC_SOURCES, load_served, operations
 
 PAGES = [
     (f"{s.docs_prefix}/{page}", s) for s in SPEC_SOURCES for page in ("docs.html", "redoc.html")
@@ -14,8 +14,28 @@ PAGES = [
 @pytest.mark.parametrize("source", SPEC_SOURCES, ids=lambda s: s.name)
 def test_openapi_json_is_the_served_31_document(client, source):
     r = client.get(f"{source.docs_prefix}/openapi.json")
-    assert r.status_code == 200 and r.json() == load_served(source.name)
-    assert r.json()["openapi"] == "3.1.0"
+    assert r.status_code == 200 and r.json()["openapi"] == "3.1.0"
+    served, contract = r.json(), load_served(source.name)
+    # the contract and our additions, plus the 403 of the token-less browser guard everywhere
+    for method, path, op in operations(contract):
+        responses = served["paths"][path][method]["responses"]
+        assert set(responses) == {*op["responses"], "403"}
+        assert "KIAPI_ALLOWED_HOSTS" in responses["403"]["description"]
+        del served["paths"][path][method]["responses"]["403"]
+    assert served == contract
+
+
+def test_with_a_token_the_document_declares_401_not_403(settings):
+    from pydantic import SecretStr
+    from starlette.testclient import TestClient
+
+    from kiapi.app import create_app
+
+    settings = settings.model_copy(update={"auth_token": SecretStr("s3cret-docs")})
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
+        served = c.get("/v1/embedding/openapi.json").json()
+    responses = served["paths"]["/v1/embedding"]["post"]["responses"]
+    assert "401" in responses and "403" not in responses
 
 
 def test_root_docs_alias(client):

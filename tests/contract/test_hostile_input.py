@@ -1,24 +1,18 @@
-"""Hostile input, round 2 (issue 14): browsers (Host, Origin), giant and odd bodies, forged log
-lines, bounded headers, checks before jobs, downloads. Each test names the defect it guards."""
+"""Hostile input, round 2 (issue 14), through the ASGI app: browsers (Host, Origin, CORS under
+each setting), giant and odd bodies, forged log lines, bounded headers, checks before jobs,
+downloads. Each test names the defect it guards; ``test_hostile_live.py`` runs a probe per
+defect against a real ``kiapi serve`` (``bench/hostile.py``)."""
 
 import json
 import logging
-import os
-import subprocess
-import sys
-import threading
 import time
-from contextlib import contextmanager
 
-import httpx
 import pytest
 from starlette.testclient import TestClient
 
 from kiapi.app import create_app
 from kiapi.config import Settings
 from kiapi.handlers import MAX_HEADER_JOB_IDS
-from kiapi.runtime.mlx_engine import PREFIX_CHARS_PER_TOKEN
-from tests.support import free_port, serving, wait_until
 
 LOCAL = "http://127.0.0.1"
 
@@ -138,66 +132,6 @@ def test_rejected_bodies_are_not_echoed(client):
     assert len(r.content) < 2000, len(r.content)
 
 
-@contextmanager
-def kiapi_serve(tmp_path, **env):
-    """A real ``kiapi serve`` process on a free loopback port (warm-up off unless set)."""
-    port = free_port()
-    environ = {
-        **os.environ,
-        "KIAPI_FILES_ROOT": str(tmp_path / "files"),
-        "KIAPI_WARMUP": "none",
-        **env,
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "kiapi", "serve", "--port", str(port)],
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _up(url), timeout=60)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(20)
-
-
-def _up(url) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def test_health_answers_while_the_largest_bad_body_is_refused(tmp_path):
-    body = b'{"input": ["' + b"a," * (30 * 1024 * 1024) + b'", 5]}'  # 60 MB, invalid
-    with kiapi_serve(tmp_path) as url:
-        result = {}
-
-        def post():
-            result["r"] = httpx.post(
-                f"{url}/v1/embeddings",
-                content=body,
-                headers={"content-type": "application/json"},
-                timeout=60,
-            )
-
-        thread = threading.Thread(target=post)
-        thread.start()
-        worst = 0.0
-        while thread.is_alive():
-            started = time.perf_counter()
-            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
-            worst = max(worst, time.perf_counter() - started)
-            time.sleep(0.01)
-        thread.join()
-        assert result["r"].status_code == 422, result["r"].text[:300]
-        assert len(result["r"].content) < 2000
-        print(f"worst /health latency while refusing 60 MB: {worst * 1000:.0f} ms")
-        assert worst < 0.5, worst  # goal 100 ms: missed (190-280 ms measured), see README
-
-
 # -- 4. Odd bodies: 4xx in the path's own envelope, never a 5xx --------------------------------
 @pytest.mark.parametrize("path", ["/v1/embedding", "/v1/embeddings"])
 def test_a_body_without_content_type_is_415(client, path):
@@ -249,24 +183,6 @@ def test_crlf_in_a_path_cannot_start_a_log_line(client, caplog):
     assert any("\\r\\n2026-12-02" in m for m in lines), lines
 
 
-# -- 7. Huge texts are cut before tokenising ---------------------------------------------------
-def test_a_16mb_text_costs_about_what_a_short_one_does(tmp_path):
-    settings = Settings(_env_file=None, files_root=tmp_path / "f")
-    with serving(settings) as (server, _runtime):
-        url = f"{server.url}/v1/embedding"
-        short = min(_timed(url, {"text": "short text"}) for _ in range(3))
-        huge = _timed(url, {"text": "word " * (16 * 1024 * 1024 // 5)})
-        assert huge - short < 1.0, (short, huge)
-    assert PREFIX_CHARS_PER_TOKEN >= 8
-
-
-def _timed(url, body) -> float:
-    started = time.perf_counter()
-    r = httpx.post(url, json=body, timeout=60)
-    assert r.status_code == 200, r.text[:200]
-    return time.perf_counter() - started
-
-
 # -- 8, 9. Bounded headers; checks before any job ----------------------------------------------
 def test_job_header_is_bounded_whatever_the_input_count(tmp_path):
     settings = Settings(_env_file=None, files_root=tmp_path / "f")
@@ -309,24 +225,6 @@ def test_active_types_are_never_served_as_themselves(client, ctype):
     assert client.get(f"/v1/files/{fid}").json()["content_type"] == ctype  # the record keeps it
 
 
-def test_aborted_downloads_close_their_files(tmp_path):
-    settings = Settings(_env_file=None, files_root=tmp_path / "f", warmup="none")
-    with serving(settings) as (server, runtime):
-        payload = os.urandom(4 * 1024 * 1024)
-        fid = httpx.post(f"{server.url}/v1/files", files={"file": ("b", payload)}).json()["file_id"]
-        target = os.path.realpath(runtime.files.path(fid))
-        for _ in range(200):
-            with httpx.stream("GET", f"{server.url}/v1/files/{fid}/download") as r:
-                next(r.iter_bytes(1024))  # read a little, then hang up
-        time.sleep(0.5)
-        open_fds = [
-            os.path.realpath(f"/proc/self/fd/{fd}")
-            for fd in os.listdir("/proc/self/fd")
-            if os.path.exists(f"/proc/self/fd/{fd}")
-        ]
-        assert open_fds.count(target) == 0
-
-
 # -- 6. Multipart: only the file part may be large ---------------------------------------------
 def test_form_fields_are_limited_in_count_and_bytes(client):
     many = {f"f{i}": "x" for i in range(40)}
@@ -336,20 +234,3 @@ def test_form_fields_are_limited_in_count_and_bytes(client):
     r = client.post("/v1/files", files={"file": ("a.txt", b"a", "text/plain")}, data=big)
     assert r.status_code == 413 and "in all" in r.json()["detail"], r.text
     assert client.get("/v1/files").json()["data"] == []
-
-
-# -- 10. Idle connections are closed; /health keeps answering ----------------------------------
-def test_connections_that_send_no_request_are_closed(tmp_path):
-    import socket
-
-    with kiapi_serve(tmp_path, KIAPI_HEADER_TIMEOUT_S="1") as url:
-        host, port = url.removeprefix("http://").split(":")
-        idle = [socket.create_connection((host, int(port))) for _ in range(50)]
-        slow = socket.create_connection((host, int(port)))
-        slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finishes its head
-        time.sleep(2.5)
-        for sock in [*idle, slow]:
-            sock.settimeout(2)
-            assert sock.recv(1) == b""  # closed by the server
-            sock.close()
-        assert httpx.get(f"{url}/health").status_code == 200
