@@ -28,3 +28,20 @@ def test_probe(live, probe):
     if probe.goal_s is not None:
         judged = outcome.seconds if outcome.judged_s is None else outcome.judged_s
         assert judged <= probe.goal_s * REGRESSION_FACTOR, outcome
+
+
+def test_connections_past_the_limit_are_refused_and_the_server_recovers(tmp_path):
+    import socket
+
+    with hostile.kiapi_serve(tmp_path, KIAPI_MAX_CONNECTIONS="4", KIAPI_WARMUP="none") as s:
+        host, port = s.url.removeprefix("http://").split(":")
+        s.client.close()  # its pooled connection would count against the limit
+        held = [socket.create_connection((host, int(port))) for _ in range(6)]
+        extra = held[-1]
+        extra.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        extra.settimeout(10)
+        assert extra.recv(64).startswith(b"HTTP/1.1 503")
+        for sock in held:
+            sock.close()
+        r = hostile.httpx.get(f"{s.url}/health", timeout=10)
+        assert r.status_code == 200

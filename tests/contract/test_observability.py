@@ -180,6 +180,7 @@ def test_json_request_lines_from_a_real_server(tmp_path):
         r = httpx.post(f"{url}/v1/embedding", json={"text": "log me"}, timeout=30)
         job_id = r.headers["X-Kiapi-Job-Id"]
         httpx.get(f"{url}/v1/files/{MISSING_FILE}")
+        httpx.get(f'{url}/v1/files%0d%0a{{"logger":"forged"}}')
     finally:
         server.terminate()
         _, stderr = server.communicate(timeout=30)
@@ -195,4 +196,7 @@ def test_json_request_lines_from_a_real_server(tmp_path):
     assert loaded["model"] == "all-minilm-l6-v2" and loaded["weight_gb"] > 0
     assert any(x.get("event") == "model_evicted" and x["reason"] == "shutdown" for x in lines)
     assert not any(x["logger"] == "uvicorn.access" for x in lines)  # one line per request
+    # a CRLF in the path stays inside its line's JSON string (every line above parsed)
+    assert any(x["path"].startswith("/v1/files\r\n{") for x in access)
+    assert not any(x["logger"] == "forged" for x in lines)
     assert any(x["logger"].startswith("uvicorn") for x in lines)  # uvicorn's lines are JSON too
