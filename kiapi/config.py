@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         description="After a batch of n > 1 requests, how long the worker may wait for n to be "
         "queued again before the next batch (a single client never waits); 0: never wait.",
     )
+    chat_max_tokens: PositiveInt = Field(
+        1024,
+        description="Most tokens one chat completion may generate: the default max_tokens, "
+        "and a larger max_tokens is a 400.",
+    )
     sync_timeout_s: PositiveFloat = Field(
         300, description="How long a sync request waits for its job before answering 504."
     )
@@ -137,10 +142,13 @@ class Settings(BaseSettings):
     embedding_default_model: str | None = Field(
         None, description="Default embedding model (default: the contract's qwen3-embedding-8b)."
     )
+    chat_default_model: str | None = Field(
+        None, description="Default chat model (default: smollm2-135m-instruct, bundled)."
+    )
     warmup: str | None = Field(
         None,
         description="Models loaded at start-up, comma-separated; 'none' for none "
-        "(default: the effective default embedding model).",
+        "(default: each capability's effective default model that is set up).",
     )
     blas: str = Field(
         "auto",

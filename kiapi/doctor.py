@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from kiapi.config import Settings, physical_memory_gb
 from kiapi.runtime import blas
-from kiapi.runtime.catalog import EMBEDDING, default_registry
+from kiapi.runtime.catalog import CAPABILITIES, default_registry
 from kiapi.runtime.errors import ModelNotSetUp
 
 
@@ -62,10 +62,17 @@ def checks(settings: Settings) -> list[Check]:
         Check("memory budget", True, f"{settings.memory_limit_gb:.2f} GB (KIAPI_MEMORY_LIMIT_GB)"),
     ]
     registry = default_registry(settings.model_paths)
-    note = registry.choose_default(EMBEDDING, settings.embedding_default_model)
-    default = registry.default(EMBEDDING)
-    usable = 0
-    for spec in registry.models(EMBEDDING):
+    for cap in CAPABILITIES:
+        found.extend(_models(registry, cap.family, getattr(settings, cap.default_setting)))
+    return found
+
+
+def _models(registry, family: str, preferred: str | None) -> list[Check]:
+    """A line per model of ``family`` (set up or how to), then its default."""
+    note = registry.choose_default(family, preferred)
+    default = registry.default(family)
+    found, usable = [], 0
+    for spec in registry.models(family):
         marker = " [default]" if spec is default else ""
         try:
             spec.require_set_up()
@@ -82,9 +89,9 @@ def checks(settings: Settings) -> list[Check]:
         )
     found.append(
         Check(
-            "embedding default",
+            f"{family} default",
             usable > 0,
-            (note or default.name) if usable else "no embedding model is set up",
+            (note or default.name) if usable else f"no {family} model is set up",
         )
     )
     return found

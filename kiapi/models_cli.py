@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from kiapi.config import Settings
-from kiapi.runtime.catalog import EMBEDDING, default_registry
+from kiapi.runtime.catalog import CAPABILITIES, default_registry
 from kiapi.runtime.errors import ModelNotSetUp
 from kiapi.runtime.registry import ModelSpec, Registry
 
@@ -41,7 +41,7 @@ def registry_for(settings: Settings) -> Registry:
 def find(registry: Registry, name: str) -> ModelSpec:
     spec = registry.find(name)
     if spec is None:
-        names = ", ".join(s.name for s in registry.models(EMBEDDING))
+        names = ", ".join(s.name for cap in CAPABILITIES for s in registry.models(cap.family))
         raise CommandError(f"unknown model {name!r}; choices: {names}")
     return spec
 
@@ -85,7 +85,7 @@ def list_models(settings: Settings, url: str, out: TextIO) -> int:
     registry = registry_for(settings)
     resident = resident_names(url, settings.token)
     rows = [("NAME", "ALIASES", "FEATURES", "SET UP", "SIZE", "RESIDENT", "FROM")]
-    for spec in registry.models(EMBEDDING):
+    for spec in (s for cap in CAPABILITIES for s in registry.models(cap.family)):
         folder = spec.weights_folder()  # None unless set up (weights and engine packages)
         rows.append(
             (

@@ -53,6 +53,7 @@ class SpecSource:
 SPEC_SOURCES: tuple[SpecSource, ...] = (
     SpecSource("common", ""),
     SpecSource("embedding", "/v1/embedding"),
+    SpecSource("chat", "/v1/chat", error_style="openai"),
     SpecSource("openai", "/openai", error_style="openai"),
 )
 SOURCES_BY_NAME = {source.name: source for source in SPEC_SOURCES}

@@ -125,8 +125,59 @@ def load_numpy_weights(folder: Path) -> dict[str, np.ndarray]:
 def qwen3_reference(folder: Path, ids: list[int]) -> np.ndarray:
     """Independent NumPy forward pass of :func:`build_qwen3`'s model: the L2-normalised hidden
     state of the last token (last-token pooling), in float64."""
+    last = qwen3_hidden(folder, ids)[-1]
+    return last / np.linalg.norm(last)
+
+
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen3_chat(folder: Path, *, seed: int = 1) -> Path:
+    """:func:`build_qwen3`'s model as a causal LM in the Hugging Face layout mlx-community
+    repos use (``Qwen3ForCausalLM``: ``model.*`` tensors and an ``lm_head``), with a ChatML
+    template in ``tokenizer_config.json`` and ``<|im_end|>`` as its end-of-turn token."""
+    build_qwen3(folder, seed=seed, append_end_of_text=False)
     config = json.loads((folder / "config.json").read_text())
-    w = {k: v.astype(np.float64) for k, v in load_numpy_weights(folder).items()}
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    im_end = next(t["id"] for t in tokenizer["added_tokens"] if t["content"] == "<|im_end|>")
+    config |= {
+        "architectures": ["Qwen3ForCausalLM"],
+        "eos_token_id": im_end,
+        "max_position_embeddings": 256,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": "<|im_end|>",
+                "pad_token": END_OF_TEXT,
+                "model_max_length": 256,
+                "chat_template": QWEN3_CHAT_TEMPLATE,
+            }
+        )
+    )
+    weights = {f"model.{k}": v for k, v in load_numpy_weights(folder).items()}
+    rng = np.random.default_rng(seed + 100)
+    vocab, hidden = weights["model.embed_tokens.weight"].shape
+    weights["lm_head.weight"] = (rng.standard_normal((vocab, hidden)) / 2).astype(np.float32)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def qwen3_chat_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    """Independent NumPy logits of :func:`build_qwen3_chat`'s model at every position."""
+    weights = load_numpy_weights(folder)
+    hidden = qwen3_hidden(folder, ids, {k.removeprefix("model."): v for k, v in weights.items()})
+    return hidden @ weights["lm_head.weight"].astype(np.float64).T
+
+
+def qwen3_hidden(folder: Path, ids: list[int], weights=None) -> np.ndarray:
+    """The final-normed hidden states of a tiny Qwen3 at every position (NumPy, float64)."""
+    config = json.loads((folder / "config.json").read_text())
+    w = {k: v.astype(np.float64) for k, v in (weights or load_numpy_weights(folder)).items()}
     nh, nkv, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     eps, theta = config["rms_norm_eps"], config["rope_theta"]
     t = len(ids)
@@ -163,8 +214,7 @@ def qwen3_reference(folder: Path, ids: list[int]) -> np.ndarray:
         x = rms(hidden, w[p + "post_attention_layernorm.weight"])
         gate, up = x @ w[p + "mlp.gate_proj.weight"].T, x @ w[p + "mlp.up_proj.weight"].T
         hidden = hidden + (gate / (1 + np.exp(-gate)) * up) @ w[p + "mlp.down_proj.weight"].T
-    last = rms(hidden, w["norm.weight"])[-1]
-    return last / np.linalg.norm(last)
+    return rms(hidden, w["norm.weight"])
 
 
 def quantize_qwen3(source: Path, folder: Path, *, mode: str = "mxfp8") -> Path:

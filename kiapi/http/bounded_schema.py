@@ -126,8 +126,10 @@ def _bounded(base: type[Draft4Validator], *, nullable: bool) -> type[Draft4Valid
             "uniqueItems": _unique_items,
             "pattern": _pattern,
             "format": _format,
-            "anyOf": _any_of,
-            "oneOf": _one_of,
+            # a nullable union (a 3.1 ``anyOf`` with ``{"type": "null"}``, converted to 3.0's
+            # ``nullable``) accepts null, as ``type`` and ``enum`` do
+            "anyOf": wrap(_any_of),
+            "oneOf": wrap(_one_of),
             "not": _not,
         },
         type_checker=base.TYPE_CHECKER.redefine(

@@ -100,17 +100,21 @@ def _first_field(exc: KiapiError) -> str | None:
     return ".".join(loc) or None
 
 
+def openai_error_body(exc: KiapiError) -> dict[str, Any]:
+    """A kiapi error in OpenAI's envelope (also the error event of a chat stream)."""
+    return openai_body(
+        exc.status,
+        exc.detail,
+        code=exc.code,
+        param=_first_field(exc),
+        hint=exc.hint,
+        job_id=exc.job_id,
+    )
+
+
 async def kiapi_error(request: ConnexionRequest, exc: KiapiError) -> ConnexionResponse:
     if openai_style(request):
-        body = openai_body(
-            exc.status,
-            exc.detail,
-            code=exc.code,
-            param=_first_field(exc),
-            hint=exc.hint,
-            job_id=exc.job_id,
-        )
-        return json_error(exc.status, body, exc.headers())
+        return json_error(exc.status, openai_error_body(exc), exc.headers())
     return json_error(exc.status, exc.body(), exc.headers())
 
 

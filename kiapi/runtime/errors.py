@@ -99,13 +99,15 @@ class NotFound(KiapiError):
 
 
 class JobCanceled(KiapiError):
-    """The job a caller was waiting for was canceled (``DELETE /v1/jobs/{id}``) before it ran."""
+    """The job a caller was waiting for was canceled (``DELETE /v1/jobs/{id}``): before it ran,
+    or, for a job that runs in steps (a chat completion), while it ran."""
 
     status = 409
     code = "job_canceled"
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id} was canceled before it ran", job_id=job_id)
+    def __init__(self, job_id: str, *, while_running: bool = False) -> None:
+        when = "while it ran" if while_running else "before it ran"
+        super().__init__(f"job {job_id} was canceled {when}", job_id=job_id)
 
 
 class PayloadTooLarge(KiapiError):

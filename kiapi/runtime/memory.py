@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from kiapi.runtime import engines
 from kiapi.runtime.errors import BudgetExceeded
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 
@@ -34,9 +35,8 @@ log = logging.getLogger(__name__)
 
 
 def load_with_spec_loader(spec: ModelSpec) -> LoadedModel:
-    """The production loader: the catalog entry's own loader, or 503 if it is not set up."""
-    spec.require_set_up()
-    return spec.loader(spec)
+    """The production loader: the catalog entry's engine, or 503 if it is not set up."""
+    return engines.load(spec)
 
 
 @dataclass
@@ -45,6 +45,11 @@ class _Resident:
     loaded: LoadedModel
     last_used: float
     in_use: int = 0
+    working_gb: float = 0.0  # reserved for running requests (KV caches) while in use
+
+    @property
+    def held_gb(self) -> float:
+        return self.loaded.weight_gb + self.working_gb
 
 
 class MemoryManager:
@@ -82,7 +87,7 @@ class MemoryManager:
                 hint="raise KIAPI_MEMORY_LIMIT_GB if the machine has the memory, "
                 "or use a smaller model",
             )
-        used = sum(r.loaded.weight_gb for r in others)
+        used = sum(r.held_gb for r in others)
         victims: list[_Resident] = []
         for resident in sorted(
             (r for r in others if r.in_use == 0),
@@ -91,7 +96,7 @@ class MemoryManager:
             if used + need_gb <= self.budget_gb:
                 break
             victims.append(resident)
-            used -= resident.loaded.weight_gb
+            used -= resident.held_gb
         if used + need_gb > self.budget_gb:
             busy = ", ".join(sorted(r.spec.name for r in others if r.in_use))
             raise BudgetExceeded(
@@ -153,6 +158,33 @@ class MemoryManager:
         resident.in_use -= 1
         resident.last_used = self._clock()
 
+    def reserve(self, spec: ModelSpec, gb: float, what: str) -> None:
+        """Add ``gb`` of working memory (a request's KV cache) to an acquired model, evicting
+        idle residents if needed; :class:`BudgetExceeded` (503, saying ``what`` needed how
+        much) when it cannot fit."""
+        resident = self._residents.get(spec.name)
+        if resident is None or resident.in_use == 0:
+            raise RuntimeError(f"reserve for {spec.name!r} without acquire")
+        need = resident.held_gb + spec.peak_headroom_gb + gb
+        try:
+            victims = self._plan_room(spec, need)
+        except BudgetExceeded as exc:
+            raise BudgetExceeded(
+                f"{what} needs {gb:.3f} GB beside {spec.name!r}'s "
+                f"{resident.held_gb:.3f} GB in use: {exc.detail}",
+                hint="ask for fewer max_tokens, retry when running requests are done, or raise "
+                "KIAPI_MEMORY_LIMIT_GB",
+                retry_after_s=5,
+            ) from None
+        for victim in victims:
+            self._evict(victim.spec.name, "budget")
+        resident.working_gb += gb
+
+    def unreserve(self, spec: ModelSpec, gb: float) -> None:
+        resident = self._residents.get(spec.name)
+        if resident is not None:
+            resident.working_gb = max(0.0, resident.working_gb - gb)
+
     @contextmanager
     def use(self, spec: ModelSpec) -> Iterator[Any]:
         """``with memory.use(spec) as model:`` — acquire, then release however the block ends."""
@@ -200,6 +232,14 @@ class MemoryManager:
             resident.loaded.unload()
 
     # -- any thread -----------------------------------------------------------------------
+    def peek(self, spec: ModelSpec) -> Any | None:
+        """The loaded model object if ``spec`` is resident, else None; nothing is loaded or
+        marked in use (for work that reads only what never changes once loaded, such as a
+        tokenizer, off the worker thread)."""
+        with self._lock:
+            resident = self._residents.get(spec.name)
+        return resident.loaded.model if resident is not None else None
+
     def is_resident(self, name: str) -> bool:
         with self._lock:
             return name in self._residents
@@ -228,6 +268,6 @@ class MemoryManager:
             )
         return {
             "loaded": loaded,
-            "resident_gb": sum(r.loaded.weight_gb for r in residents),
+            "resident_gb": sum(r.held_gb for r in residents),
             "budget_gb": self.budget_gb,
         }

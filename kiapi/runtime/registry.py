@@ -1,14 +1,14 @@
 """The model catalog: what each model is, how it is named, and how to load it.
 
 A :class:`ModelSpec` is immutable; the :class:`Registry` maps ``(family, name|alias|repo)`` to
-specs. Loading itself belongs to the memory manager, which calls ``spec.loader`` on the worker
-thread.
+specs. Loading itself belongs to the memory manager, which calls the loader of
+``spec.engine`` (``kiapi.runtime.engines``) on the worker thread.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,8 @@ class ModelSpec:
     peak_headroom_gb: float = 0.0  # extra memory a running job needs on top of the weights
     priority: int = 0  # lower is evicted first
     ttl_s: float | None = None  # None: the server default; <= 0: pinned (never expires)
-    loader: Loader | None = field(default=None, compare=False, repr=False)
-    set_up_hint: str | None = None  # how to make the model available, when it has no loader
+    engine: str | None = None  # its engine in kiapi.runtime.engines.ENGINES (None: cannot load)
+    set_up_hint: str | None = None  # how to make the model available, when it has no engine
     source: WeightSource | None = None  # where its weights are found (None: the loader knows)
     pooling: str | None = None  # embedding models: "mean" or "last" (token)
     dimensions_min: int | None = None  # smallest truncation (Matryoshka); None: cannot truncate
@@ -58,7 +58,7 @@ class ModelSpec:
 
     def require_set_up(self) -> None:
         """Raise :class:`ModelNotSetUp` (503, with how to fix it) unless the model can load."""
-        if self.loader is None:
+        if self.engine is None:
             raise ModelNotSetUp(
                 f"model {self.name!r} is not set up on this server",
                 hint=self.set_up_hint or f"make the weights of {self.repo} available locally",
@@ -70,7 +70,7 @@ class ModelSpec:
         """Before loading: the size of the weight files found on disk, else the estimate."""
         if self.source is not None:
             try:
-                return weights_size_gb(locate(self.name, self.source))
+                return weights_size_gb(locate(self.name, self.source), self.source.filename)
             except ModelNotSetUp:
                 pass
         return self.weight_gb

@@ -35,6 +35,13 @@ class WeightSource:
     package_install: str | None = None  # how to install that package
     requires: tuple[str, ...] = ()  # importable modules the model's engine needs
     requires_install: str | None = None  # how to install them
+    filename: str | None = None  # the one weights file (GGUF) in the folder; None: HF layout
+
+    def holds(self, folder: Path) -> bool:
+        """``folder`` has this model's weights."""
+        if self.filename is not None:
+            return (folder / self.filename).is_file()
+        return has_weights(folder)
 
 
 def has_weights(folder: Path) -> bool:
@@ -49,15 +56,16 @@ def weight_files(folder: Path) -> list[Path]:
     return []
 
 
-def weights_size_gb(folder: Path) -> float:
-    return sum(path.stat().st_size for path in weight_files(folder)) / 1024**3
+def weights_size_gb(folder: Path, filename: str | None = None) -> float:
+    files = [folder / filename] if filename else weight_files(folder)
+    return sum(path.stat().st_size for path in files) / 1024**3
 
 
-def hf_cache_folder(repo: str) -> Path | None:
-    """The cached snapshot folder of ``repo`` (offline lookup), or None."""
+def hf_cache_folder(repo: str, filename: str = "config.json") -> Path | None:
+    """The cached snapshot folder of ``repo`` holding ``filename`` (offline lookup), or None."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, "config.json")
+    found = try_to_load_from_cache(repo, filename)
     return Path(found).parent if isinstance(found, str) else None
 
 
@@ -94,18 +102,18 @@ def locate(name: str, source: WeightSource) -> Path:
             hint=source.requires_install or f"install {', '.join(missing)}",
         )
     if source.path is not None:
-        if has_weights(source.path):
+        if source.holds(source.path):
             return source.path
+        wanted = source.filename or "config.json with *.safetensors weights"
         raise ModelNotSetUp(
-            f"model {name!r}: KIAPI_MODEL_PATHS points at {source.path}, which holds no "
-            "config.json with *.safetensors weights",
+            f"model {name!r}: KIAPI_MODEL_PATHS points at {source.path}, which holds no {wanted}",
             hint=f"fix or remove the KIAPI_MODEL_PATHS entry; {set_up_hint(name, source)}",
         )
-    candidates = [hf_cache_folder(source.repo)]
+    candidates = [hf_cache_folder(source.repo, source.filename or "config.json")]
     if source.package:
         candidates.append(package_folder(source.package, source.package_dir))
     for folder in candidates:
-        if folder is not None and has_weights(folder):
+        if folder is not None and source.holds(folder):
             return folder
     raise ModelNotSetUp(
         f"model {name!r} is not set up on this server: its weights ({source.repo}) were not "

@@ -20,6 +20,13 @@ Invariants:
   queued when the worker gets to it; only after a batch of several jobs does it wait, briefly
   (``BatchPolicy.fill_wait_s``), for as many again. Each job keeps its own record, result and
   error: ``run_batch`` returns one outcome per member.
+* Steps: a :class:`Joinable` job joins a :class:`StepRunner` (one per ``key``: one model's
+  generation batch), opened on its first job. While any runner is busy the worker alternates:
+  one queued unit (a job, a batch, or every queued job that joins the same runner), then one
+  :meth:`StepRunner.step` of each busy runner. So an embedding batch waits at most one decode
+  step, and a request joins a running generation between two steps. A runner that is no
+  longer busy is closed. :meth:`Worker.stop_running` asks a runner to end a job at its next
+  step.
 """
 
 from __future__ import annotations
@@ -32,10 +39,10 @@ from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from kiapi.runtime.errors import JobCanceled, KiapiError, Overloaded
-from kiapi.runtime.jobs import FAILED, SUCCEEDED, Job, JobStore, reporting_for
+from kiapi.runtime.jobs import CANCELED, FAILED, SUCCEEDED, Job, JobStore, reporting_for
 from kiapi.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -86,7 +93,38 @@ class BatchPolicy:
             raise ValueError("batch limits must be >= 1 and the fill wait >= 0")
 
 
-JobBody = Callable[[], JobOutput] | Batchable
+class StepRunner(Protocol):
+    """Work that advances in steps on the worker thread and that jobs join while it runs.
+
+    Worker thread only. ``join`` takes a started job (raising fails that job alone);
+    ``step`` advances every member once and returns the members that finished, each with its
+    outcome; ``stop`` ends a member now (its outcome comes from the next ``step``);
+    ``busy`` says whether any member remains; ``close`` ends every member left (each with
+    the outcome it returns) and frees what the runner holds."""
+
+    def join(self, job: Job, item: Any) -> None: ...
+
+    def step(self) -> list[tuple[Job, JobOutput | BaseException]]: ...
+
+    def stop(self, job: Job) -> bool: ...
+
+    @property
+    def busy(self) -> bool: ...
+
+    def close(self, reason: BaseException) -> list[tuple[Job, JobOutput | BaseException]]: ...
+
+
+@dataclass(frozen=True)
+class Joinable:
+    """A job body that joins the :class:`StepRunner` of ``key``; ``open_runner`` makes that
+    runner when none is running (worker thread)."""
+
+    key: Hashable
+    item: Any
+    open_runner: Callable[[], StepRunner]
+
+
+JobBody = Callable[[], JobOutput] | Batchable | Joinable
 
 
 class Worker:
@@ -119,6 +157,8 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._mean_job_s = 1.0  # running estimate for Retry-After
         self._last_batch = 1
+        self._runners: dict[Hashable, StepRunner] = {}  # worker thread only
+        self._stop_requests: list[Job] = []  # running jobs to end, under _cond
 
     # -- any thread -----------------------------------------------------------------------
     def start(self) -> None:
@@ -166,6 +206,13 @@ class Worker:
             self._cond.notify()
         return job.future
 
+    def stop_running(self, job: Job) -> None:
+        """Ask the runner a running :class:`Joinable` job belongs to to end it at its next
+        step (any thread; a job that is not in a runner is left as it is)."""
+        with self._cond:
+            self._stop_requests.append(job)
+            self._cond.notify()
+
     def cancel(self, job: Job) -> bool:
         """Cancel a queued job: True if it was queued (it will never run)."""
         if not self._store.cancel_if_queued(job):
@@ -179,9 +226,10 @@ class Worker:
         return True
 
     # -- worker thread --------------------------------------------------------------------
-    def _next(self) -> list[tuple[Job, JobBody]] | None:
-        """Block until a job is queued (running the quiet and idle hooks while it waits);
-        return it with the queued jobs that share its batch."""
+    def _next(self, *, block: bool = True) -> list[tuple[Job, JobBody]] | None:
+        """The next queued job with the queued jobs that share its batch or its runner; None
+        when stopping. Blocks until a job is queued (running the quiet and idle hooks while it
+        waits) unless ``block`` is false: then an empty list when nothing is queued."""
         while True:
             quieting = self._worked and self._on_quiet is not None
             with self._cond:
@@ -194,6 +242,8 @@ class Worker:
                     self._last_batch = len(batch)
                     self._worked = True
                     return batch
+                if not block:
+                    return []
                 wait = self._quiet_after_s if quieting else self._idle_interval_s
                 notified = self._cond.wait(wait)
             if notified:
@@ -220,7 +270,12 @@ class Worker:
             self._cond.wait(remaining)
 
     def _take_batch_mates(self, body: JobBody) -> list[tuple[Job, JobBody]]:
-        """Remove and return the queued jobs that may join ``body``'s batch (lock held)."""
+        """Remove and return the queued jobs that may join ``body``'s batch, or, for a
+        :class:`Joinable`, every queued job of its runner (lock held)."""
+        if isinstance(body, Joinable):
+            mates = [q for q in self._queue if isinstance(q[1], Joinable) and q[1].key == body.key]
+            self._queue = deque(q for q in self._queue if q not in mates)
+            return mates
         if not isinstance(body, Batchable) or self._batch.max_items == 1:
             return []
         mates: list[tuple[Job, JobBody]] = []
@@ -260,7 +315,10 @@ class Worker:
         return True
 
     def _finish(self, job: Job, outcome: JobOutput | BaseException) -> None:
-        if isinstance(outcome, KiapiError):
+        if isinstance(outcome, JobCanceled):
+            self._store.finish(job, CANCELED, error=outcome.detail)
+            job.future.set_exception(outcome)
+        elif isinstance(outcome, KiapiError):
             self._store.finish(job, FAILED, error=outcome.detail)
             job.future.set_exception(outcome)
         elif isinstance(outcome, BaseException):
@@ -272,21 +330,92 @@ class Worker:
             job.future.set_result(outcome)
 
     def _run(self) -> None:
-        while (taken := self._next()) is not None:
-            members = [(job, body) for job, body in taken if self._start(job)]
-            if not members:
+        try:
+            while (taken := self._next(block=not self._runners)) is not None:
+                self._run_taken(taken)
+                self._step_runners()
+        finally:
+            for runner in self._runners.values():
+                self._close_runner(
+                    runner, Overloaded("the server is shutting down", retry_after_s=5)
+                )
+            self._runners.clear()
+
+    def _run_taken(self, taken: list[tuple[Job, JobBody]]) -> None:
+        members = [(job, body) for job, body in taken if self._start(job)]
+        if not members:
+            return
+        if isinstance(members[0][1], Joinable):
+            self._join(members)
+            return
+        self._run_members(members)
+
+    def _join(self, members: list[tuple[Job, JobBody]]) -> None:
+        """Put started :class:`Joinable` jobs (one key) into their runner, opening it."""
+        body: Joinable = members[0][1]  # type: ignore[assignment]
+        runner = self._runners.get(body.key)
+        if runner is None:
+            try:
+                runner = body.open_runner()
+            except Exception as exc:  # e.g. the model cannot load: these jobs fail
+                for job, _ in members:
+                    self._done(job, exc)
+                return
+            self._runners[body.key] = runner
+        for job, member in members:
+            try:
+                with reporting_for(self._store, job):
+                    runner.join(job, member.item)  # type: ignore[union-attr]
+            except Exception as exc:
+                self._done(job, exc)
+
+    def _step_runners(self) -> None:
+        """Stop what was asked to stop, then one step of every runner; close idle ones."""
+        with self._cond:
+            stops, self._stop_requests = self._stop_requests, []
+        if not self._runners:
+            return
+        for job in stops:
+            for runner in self._runners.values():
+                if runner.stop(job):
+                    break
+        for key, runner in list(self._runners.items()):
+            try:
+                finished = runner.step()
+            except Exception as exc:  # a runner that breaks fails its members, not the worker
+                log.error("step runner %r crashed", key, exc_info=exc)
+                self._runners.pop(key)
+                self._close_runner(runner, exc)
                 continue
-            started = time.monotonic()
-            for job, outcome in zip(
-                (job for job, _ in members), self._outcomes(members), strict=True
-            ):
-                self._finish(job, outcome)
-                if self._metrics is not None:
-                    self._metrics.job_done(job.type, job.status, job.run_seconds())
-            if self._metrics is not None:
-                self._metrics.batch_ran(members[0][0].type, len(members))
-            elapsed = (time.monotonic() - started) / len(members)
-            self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
+            for job, outcome in finished:
+                self._done(job, outcome)
+            if not runner.busy:
+                self._runners.pop(key)
+                self._close_runner(runner, Overloaded("the runner closed", retry_after_s=1))
+
+    def _close_runner(self, runner: StepRunner, reason: BaseException) -> None:
+        try:
+            left = runner.close(reason)
+        except Exception:
+            log.exception("closing a step runner failed")
+            return
+        for job, outcome in left:
+            self._done(job, outcome)
+
+    def _done(self, job: Job, outcome: JobOutput | BaseException) -> None:
+        self._finish(job, outcome)
+        if self._metrics is not None:
+            self._metrics.job_done(job.type, job.status, job.run_seconds())
+
+    def _run_members(self, members: list[tuple[Job, JobBody]]) -> None:
+        """Run one job or one batch to its end."""
+        started = time.monotonic()
+        for job, outcome in zip((job for job, _ in members), self._outcomes(members), strict=True):
+            self._done(job, outcome)
+        if self._metrics is not None:
+            self._metrics.batch_ran(members[0][0].type, len(members))
+        elapsed = (time.monotonic() - started) / len(members)
+        self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
 
     def _outcomes(self, members: list[tuple[Job, JobBody]]) -> list[JobOutput | BaseException]:
         """Run one job, or one batch of jobs, and return an outcome per member."""

@@ -123,12 +123,15 @@ def test_health_shows_the_warm_resident_model(client):
     health = client.get("/health").json()
     assert_matches_schema("common", "HealthResponse", health)
     assert health["warm"] is True
-    (resident,) = health["memory"]["loaded"]
-    assert resident["name"] == "all-minilm-l6-v2" and resident["family"] == "embedding"
+    residents = {m["name"]: m for m in health["memory"]["loaded"]}
+    assert set(residents) == {"all-minilm-l6-v2", "smollm2-135m-instruct"}  # each default
+    resident = residents["all-minilm-l6-v2"]
+    assert resident["family"] == "embedding"
     fused_qkv = 6 * (1152 * 384 + 1152)  # FastBert's fused query/key/value weights
     assert resident["weight_gb"] == pytest.approx((22_713_216 + fused_qkv) * 4 / 1024**3, rel=0.01)
     warmup = [j for j in client.get("/v1/jobs").json()["data"] if j["type"] == "warmup"]
-    assert warmup[0]["result"] == {"loaded": ["all-minilm-l6-v2"], "skipped": {}}
+    loaded = ["all-minilm-l6-v2", "smollm2-135m-instruct"]
+    assert warmup[0]["result"] == {"loaded": loaded, "skipped": {}}
 
 
 def test_models_list_marks_the_effective_default(client):
@@ -236,9 +239,8 @@ def test_qwen3_through_model_paths_becomes_the_default(tmp_path, tiny_qwen3):
         ids = Tokenizer.from_file(str(tiny_qwen3 / "tokenizer.json")).encode(text).ids
         assert out["usage"]["prompt_tokens"] == len(ids)
         assert cosine(out["embedding"], tiny_models.qwen3_reference(tiny_qwen3, ids)) >= 0.9999
-        assert [m["name"] for m in c.get("/health").json()["memory"]["loaded"]] == [
-            "qwen3-embedding-8b"
-        ]
+        loaded = c.get("/health").json()["memory"]["loaded"]
+        assert [m["name"] for m in loaded if m["family"] == "embedding"] == ["qwen3-embedding-8b"]
 
 
 def test_default_model_setting_overrides_the_contract_default(tmp_path, tiny_qwen3):

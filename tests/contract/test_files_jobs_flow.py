@@ -129,7 +129,7 @@ def gated(tmp_path):
         features=("text",),
         default=True,
         weight_gb=0.5,
-        loader=lambda _spec: LoadedModel(model=model, weight_gb=0.5),
+        engine="injected",  # the runtime below loads it with its own loader
     )
     settings = Settings(
         _env_file=None,
@@ -141,7 +141,11 @@ def gated(tmp_path):
     )
 
     def runtime(s):
-        return Runtime(s, registry=Registry([spec]))
+        return Runtime(
+            s,
+            registry=Registry([spec]),
+            loader=lambda _spec: LoadedModel(model=model, weight_gb=0.5),
+        )
 
     with TestClient(
         create_app(settings, runtime_factory=runtime), base_url="http://127.0.0.1"

@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from kiapi.app import create_app
 from kiapi.config import Settings
-from tests.support import LiveServer
+from tests.support import LiveServer, wait_until
 
 MAX_EXAMPLES = 60
 TOKEN = "fuzz-token-0123456789"
@@ -44,9 +44,11 @@ def live(tmp_path_factory):
             memory_limit_gb=4.0,
             max_upload_mb=1,
             auth_token=TOKEN,
+            chat_max_tokens=2,  # every fuzzed completion is short
         )
     )
     with LiveServer(app) as server:
+        wait_until(lambda: httpx.get(f"{server.url}/health").json()["warm"], timeout=120)
         for text in ("seed one", "seed two"):  # jobs for the stateful walks to find
             r = httpx.post(f"{server.url}/v1/embedding", json={"text": text}, headers=AUTH)
             assert r.status_code == 200, r.text
@@ -84,7 +86,13 @@ def openai_schema(live):
     return schemathesis.openapi.from_url(f"{live.url}/openai/openapi.json", config=CONFIG)
 
 
+@pytest.fixture(scope="module")
+def chat_schema(live):
+    return schemathesis.openapi.from_url(f"{live.url}/v1/chat/openapi.json", config=CONFIG)
+
+
 common = schemathesis.pytest.from_fixture("common_schema")
+chat = schemathesis.pytest.from_fixture("chat_schema")
 embedding = schemathesis.pytest.from_fixture("embedding_schema")
 openai_compatible = schemathesis.pytest.from_fixture("openai_schema")
 
@@ -129,6 +137,14 @@ def test_embedding_api(case):
 @FUZZ_SETTINGS
 @seed(20261122)
 def test_openai_compatible_api(case):
+    response = case.call_and_validate(headers=AUTH)
+    assert_authenticated(case, response)
+
+
+@chat.parametrize()
+@FUZZ_SETTINGS
+@seed(20261122)
+def test_chat_api(case):
     response = case.call_and_validate(headers=AUTH)
     assert_authenticated(case, response)
 

@@ -39,7 +39,12 @@ def value(samples, name, **labels) -> float:
 
 
 def test_metrics_count_requests_jobs_batches_and_residents(tmp_path):
-    settings = Settings(_env_file=None, files_root=tmp_path / "files", memory_limit_gb=4.0)
+    settings = Settings(
+        _env_file=None,
+        files_root=tmp_path / "files",
+        memory_limit_gb=4.0,
+        warmup="all-minilm-l6-v2",  # the embedding model alone
+    )
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         wait_until(lambda: c.get("/health").json()["warm"])
         before = scrape(c)
@@ -83,7 +88,7 @@ def instant_loader(spec: ModelSpec) -> LoadedModel:
 
 
 def test_ttl_evictions_are_counted_and_logged_with_their_reason(tmp_path, caplog):
-    spec = ModelSpec("tiny", EMBEDDING, EMBEDDING, "org/tiny", loader=instant_loader)
+    spec = ModelSpec("tiny", EMBEDDING, EMBEDDING, "org/tiny", engine="injected")
     settings = Settings(
         _env_file=None,
         files_root=tmp_path / "files",
@@ -114,7 +119,7 @@ def test_a_model_load_is_a_job_with_progress_while_it_runs(tmp_path):
         gate.wait(10)
         return LoadedModel(model=object(), weight_gb=0.25)
 
-    spec = ModelSpec("slow", EMBEDDING, EMBEDDING, "org/slow", loader=slow_loader)
+    spec = ModelSpec("slow", EMBEDDING, EMBEDDING, "org/slow", engine="injected")
     settings = Settings(_env_file=None, files_root=tmp_path / "files", warmup="none")
     runtime = Runtime(settings, registry=Registry([spec]), loader=slow_loader, warmup=[spec])
     runtime.start()
@@ -137,7 +142,12 @@ def test_a_model_load_is_a_job_with_progress_while_it_runs(tmp_path):
 
 
 def test_the_real_loader_reports_its_phases(tmp_path):
-    settings = Settings(_env_file=None, files_root=tmp_path / "files", memory_limit_gb=4.0)
+    settings = Settings(
+        _env_file=None,
+        files_root=tmp_path / "files",
+        memory_limit_gb=4.0,
+        warmup="all-minilm-l6-v2",  # the embedding model alone
+    )
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as c:
         wait_until(lambda: c.get("/health").json()["warm"])
         jobs = c.get("/v1/jobs").json()["data"]

@@ -158,7 +158,8 @@ def test_errors_take_openai_envelope(live, client):
 def test_models_list_and_retrieve(client):
     listed = client.models.list()
     ids = [m.id for m in listed.data]
-    assert ids == ["qwen3-embedding-8b", "all-minilm-l6-v2"]  # set up here; the VL model is not
+    # set up here (the VL model is not), embedding models first, then chat models
+    assert ids == ["qwen3-embedding-8b", "all-minilm-l6-v2", "smollm2-135m-instruct"]
     minilm = client.models.retrieve("minilm")  # by alias
     assert minilm.id == "all-minilm-l6-v2"
     assert minilm.object == "model" and minilm.created > 0

