@@ -299,3 +299,31 @@ def test_kv_cache_admission_and_the_sync_timeout(tmp_path):
         job_id = r.json()["error"]["job_id"]
         wait_until(lambda: runtime.jobs.snapshot(job_id)["status"] == "succeeded", timeout=60)
         assert runtime.jobs.snapshot(job_id)["result"]["usage"]["completion_tokens"] == 40
+
+
+def test_concurrent_completions_share_steps_and_keep_their_greedy_answers(live):
+    questions = [
+        "What is the capital of France?",
+        "List three primary colors.",
+        "What is 12 times 12?",
+    ]
+
+    def ask(question):
+        body = {
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0,
+            "max_tokens": 16,
+        }
+        return post(live, body).json()["choices"][0]["message"]["content"]
+
+    alone = [ask(q) for q in questions]
+    together: dict[int, str] = {}
+    threads = [
+        threading.Thread(target=lambda i=i, q=q: together.__setitem__(i, ask(q)))
+        for i, q in enumerate(questions)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [together[i] for i in range(len(questions))] == alone
