@@ -82,7 +82,7 @@ class Server:
 
 @contextmanager
 def kiapi_serve(workdir: Path, **env: str) -> Iterator[Server]:
-    """A real ``kiapi serve`` on a free loopback port, once ``/health`` answers."""
+    """A real ``kiapi serve`` on a free loopback port, once it is warm (``/health``)."""
     port = free_port()
     log_path = workdir / f"serve-{port}.log"
     files_root = workdir / f"files-{port}"
@@ -97,7 +97,7 @@ def kiapi_serve(workdir: Path, **env: str) -> Iterator[Server]:
     server = Server(f"http://127.0.0.1:{port}", proc, log_path, files_root)
     try:
         deadline = time.monotonic() + 120
-        while not _health_ok(server):
+        while not _warm(server):  # models loaded: memory figures are of a server at rest
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"kiapi serve did not start: {server.log()[-2000:]}")
             time.sleep(0.05)
@@ -111,10 +111,10 @@ def kiapi_serve(workdir: Path, **env: str) -> Iterator[Server]:
             proc.kill()
 
 
-def _health_ok(server: Server) -> bool:
+def _warm(server: Server) -> bool:
     try:
-        return server.get("/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
+        return server.get("/health", timeout=2).json()["warm"] is True
+    except (httpx.HTTPError, ValueError, KeyError):
         return False
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kiapi.runtime.catalog import CHAT
@@ -204,7 +204,7 @@ class TextStream:
         for stop in self._stops:
             for keep in range(min(len(stop) - 1, ready), 0, -1):
                 if full[ready - keep : ready] == stop[:keep]:
-                    ready = min(ready, ready - keep)
+                    ready -= keep
                     break
         return self._send(full[: max(ready, len(self.text))])
 
@@ -240,7 +240,6 @@ class _Member:
     first_token_at: float | None = None
     finished: JobOutput | BaseException | None = None
     generated: int = 0
-    started: float = field(default_factory=time.perf_counter)
 
 
 class ChatRunner:

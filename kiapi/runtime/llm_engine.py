@@ -21,16 +21,15 @@ requests share every decode step (continuous batching). Only the worker thread c
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiapi.runtime import blas
+from kiapi.runtime.mlx_import import import_mlx
 from kiapi.runtime.registry import LoadedModel, ModelSpec
-from kiapi.runtime.weights import locate
+from kiapi.runtime.weights import locate, read_json
 
 _GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|scales|biases)$")
 _GGUF_LAYER_NAMES = {
@@ -67,7 +66,6 @@ class ChatModel:
     stop_ids: frozenset[int]
     context_length: int
     kv_bytes_per_token: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def render(self, messages: Sequence[dict[str, str]]) -> str:
         return self.template.render(
@@ -95,16 +93,6 @@ def compile_template(source: str):
     return env.from_string(source)
 
 
-def _mlx():
-    """``mlx.core``, with the optimized BLAS loaded first: MLX binds its BLAS symbols at its
-    first matmul, so whichever engine imports MLX first must have activated OpenBLAS (a
-    no-op after the first call). Every MLX and mlx-lm import here follows a call to this."""
-    blas.activate()
-    import mlx.core as mx
-
-    return mx
-
-
 # -- GGUF ----------------------------------------------------------------------------------
 def gguf_tensor_name(name: str) -> str:
     """mlx-lm's name for a GGUF tensor (``blk.3.attn_q.scales`` ->
@@ -120,7 +108,7 @@ def gguf_tensor_name(name: str) -> str:
 
 def load_gguf(path: Path, name: str = "gguf") -> ChatModel:
     """A llama-architecture GGUF file as a :class:`ChatModel` (worker thread)."""
-    mx = _mlx()
+    mx = import_mlx()
     import mlx.nn as nn
     from mlx_lm.models import llama
 
@@ -182,7 +170,9 @@ def load_gguf(path: Path, name: str = "gguf") -> ChatModel:
         stop_ids=frozenset({eos}),
         context_length=args.max_position_embeddings,
         kv_bytes_per_token=kv_bytes_per_token(
-            args.num_hidden_layers, args.num_key_value_heads, args.head_dim or 0, args
+            args.num_hidden_layers,
+            args.num_key_value_heads,
+            args.head_dim or args.hidden_size // args.num_attention_heads,
         ),
     )
 
@@ -192,7 +182,7 @@ def dequantize_for_cpu(model: Any) -> None:
     matmul: measured here, a 4-bit 1536x576 matvec took 2.3 ms and the float32 one (BLAS)
     0.5 ms, so decoding runs ~2.5x faster on float32 weights, for 4-8x their memory. On a GPU
     (Metal) the quantized kernels are the fast ones and nothing changes."""
-    mx = _mlx()
+    mx = import_mlx()
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
 
@@ -246,39 +236,38 @@ def gguf_tokenizer(tokens: list[str], merges: list[str], types: list[int], pre: 
     return tokenizer
 
 
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, args: Any) -> int:
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int) -> int:
     """KV-cache bytes one token costs: keys and values of every layer, float32 on the CPU."""
-    head_dim = head_dim or args.hidden_size // args.num_attention_heads
     return 2 * layers * kv_heads * head_dim * 4
 
 
 # -- Hugging Face layout (mlx-community) ---------------------------------------------------
 def load_hf(folder: Path, name: str = "hf") -> ChatModel:
-    """An MLX model folder in the Hugging Face layout, through mlx-lm's loader."""
-    mx = _mlx()
-    from mlx_lm.utils import load
+    """An MLX model folder in the Hugging Face layout: the model through mlx-lm's loader
+    (``load_model``: weights, quantization, architecture), the tokenizer with ``tokenizers``
+    and the template from ``tokenizer_config.json`` or ``chat_template.jinja``."""
+    mx = import_mlx()
+    from mlx_lm.utils import load_model
+    from tokenizers import Tokenizer
 
-    model, wrapper = load(str(folder))
-
+    model, config = load_model(folder)
     if mx.default_device() == mx.cpu:
         dequantize_for_cpu(model)
         mx.eval(model.parameters())
-    tokenizer = _tokenizers_of(folder)
-    config = json.loads((folder / "config.json").read_text())
-    tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer_config = read_json(folder, "tokenizer_config.json")
     source = tokenizer_config.get("chat_template")
     jinja = folder / "chat_template.jinja"
     if source is None and jinja.exists():
         source = jinja.read_text()
     if source is None:
         raise ValueError(f"{folder} has no chat template (tokenizer_config.json)")
-    stop_ids = set(wrapper.eos_token_ids or [])
-    special = {
-        key: _token_text(tokenizer_config.get(key)) or "" for key in ("bos_token", "eos_token")
-    }
-    layers = config["num_hidden_layers"]
-    kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    special = {key: _token_text(tokenizer_config.get(key)) for key in ("bos_token", "eos_token")}
+    eos = config.get("eos_token_id")
+    stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if (end := tokenizer.token_to_id(special["eos_token"])) is not None:
+        stop_ids.add(end)  # the template's end of turn, where config names another token
+    heads = config["num_attention_heads"]
     return ChatModel(
         name=name,
         model=model,
@@ -287,30 +276,25 @@ def load_hf(folder: Path, name: str = "hf") -> ChatModel:
         special_tokens=special,
         stop_ids=frozenset(stop_ids),
         context_length=int(config.get("max_position_embeddings", 4096)),
-        kv_bytes_per_token=2 * layers * kv_heads * head_dim * 4,
+        kv_bytes_per_token=kv_bytes_per_token(
+            config["num_hidden_layers"],
+            config.get("num_key_value_heads", heads),
+            config.get("head_dim") or config["hidden_size"] // heads,
+        ),
     )
 
 
-def _tokenizers_of(folder: Path):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _token_text(value: Any) -> str | None:
+def _token_text(value: Any) -> str:
+    """A special token as tokenizer_config.json writes it: a string or ``{"content": ...}``."""
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        return value.get("content") or ""
+    return value or ""
 
 
 # -- loaders for the catalog ---------------------------------------------------------------
 def load_chat_model(spec: ModelSpec) -> LoadedModel:
     """The catalog's chat loader: a GGUF file (``source.filename``) or an HF-layout folder."""
-    mx = _mlx()
+    mx = import_mlx()
 
     folder = locate(spec.name, spec.source)
     filename = spec.source.filename if spec.source else None
@@ -338,7 +322,7 @@ class Sampling:
 
 def make_sampler(sampling: Sampling) -> Callable[[Any], Any]:
     """A per-sequence sampler over log-probabilities ``(1, vocab)``; it owns its PRNG key."""
-    mx = _mlx()
+    mx = import_mlx()
 
     if sampling.temperature <= 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
@@ -385,7 +369,7 @@ class Generator:
     :meth:`remove` drops a sequence at once (cancel, client gone)."""
 
     def __init__(self, chat: ChatModel, *, completion_batch_size: int = 32) -> None:
-        _mlx()
+        import_mlx()
         from mlx_lm.generate import BatchGenerator
 
         self.chat = chat

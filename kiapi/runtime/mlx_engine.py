@@ -30,19 +30,12 @@ import numpy as np
 from kiapi.runtime import blas, heap
 from kiapi.runtime.embedding import EmbeddingItem, EmbeddingVector
 from kiapi.runtime.jobs import report_progress
+from kiapi.runtime.mlx_import import import_mlx
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json, weight_files
 
 MEAN, LAST = "mean", "last"
 GIB = 1024**3
-
-
-def import_mlx() -> ModuleType:
-    """``mlx.core``, imported after the optimized BLAS is loaded (the only way kiapi imports it)."""
-    blas.activate()  # a no-op after the first call; must precede the first import of mlx.core
-    import mlx.core as mx
-
-    return mx
 
 
 def architecture(model_type: str) -> ModuleType:
