@@ -2,7 +2,11 @@
 kiapi serves), for kiapi's agreement test. Nothing of kiapi is imported.
 
     python3 -m venv /tmp/llamacpp && /tmp/llamacpp/bin/pip install llama-cpp-python==0.3.16
-    /tmp/llamacpp/bin/python scripts/reference/smollm2_llamacpp.py GGUF_FILE OUT_JSON
+    /tmp/llamacpp/bin/python scripts/reference/smollm2_llamacpp.py GGUF_FILE OUT_JSON [F32_GGUF]
+
+``F32_GGUF`` (optional): the same model with every tensor dequantized to float32
+(``smollm2_f32_gguf.py``); llama.cpp's greedy tokens on it are kept as ``greedy_f32``. On the
+Q4_1 file llama.cpp multiplies with 8-bit-quantized activations, on the float32 file in floats.
 
 Each prompt is chat-formatted text (ChatML, as the model's template writes it), tokenized by
 llama.cpp with special tokens parsed; the continuation is 16 greedy tokens (top_k=1,
@@ -37,24 +41,35 @@ def chatml(question: str) -> str:
     )
 
 
-def main(gguf_path: str, out_path: str) -> None:
+def greedy_tokens(llm: Llama, ids: list[int], end: int) -> list[int]:
+    llm.reset()
+    greedy = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        if token == end or len(greedy) == STEPS:
+            break
+        greedy.append(token)
+    return greedy
+
+
+def main(gguf_path: str, out_path: str, f32_path: str | None = None) -> None:
     llm = Llama(gguf_path, n_ctx=512, n_threads=2, verbose=False, logits_all=False)
+    f32 = Llama(f32_path, n_ctx=512, n_threads=2, verbose=False) if f32_path else None
     end = llm.tokenize(b"<|im_end|>", add_bos=False, special=True)[0]
     results = []
     for question in QUESTIONS:
         text = chatml(question)
         ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-        llm.reset()
-        greedy = []
-        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-            if token == end or len(greedy) == STEPS:
-                break
-            greedy.append(token)
-        results.append({"text": text, "ids": ids, "greedy": greedy})
-        print(question, "->", llm.detokenize(greedy).decode(errors="replace"), file=sys.stderr)
+        result = {"text": text, "ids": ids, "greedy": greedy_tokens(llm, ids, end)}
+        if f32 is not None:
+            result["greedy_f32"] = greedy_tokens(f32, ids, end)
+        results.append(result)
+        for key in ("greedy", "greedy_f32"):
+            if key in result:
+                said = llm.detokenize(result[key]).decode(errors="replace")
+                print(f"{key:>10} {question} -> {said}", file=sys.stderr)
     with open(out_path, "w") as fh:
         json.dump({"llamacpp": results, "end_token": end}, fh)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
