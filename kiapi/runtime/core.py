@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from kiapi.config import Settings
 from kiapi.runtime import blas
 from kiapi.runtime.catalog import CAPABILITIES, default_registry
-from kiapi.runtime.errors import ClientGone, Overloaded, SyncTimeout
+from kiapi.runtime.errors import ClientGone, ModelNotSetUp, Overloaded, SyncTimeout
 from kiapi.runtime.files import FileStore
 from kiapi.runtime.images import ImageLoader, ImagePolicy
 from kiapi.runtime.jobs import (
@@ -109,6 +109,7 @@ class Runtime:
         )
         self._warmup = list(warmup) if warmup is not None else self._warmup_from_settings()
         self._warm = threading.Event()
+        self._warmup_failures: dict[str, str] = {}  # written by the worker during warmup
 
     def _visible(
         self, loader: Callable[[ModelSpec], LoadedModel]
@@ -177,6 +178,7 @@ class Runtime:
                 except Exception as exc:  # warmup is best effort: report, keep serving
                     log.warning("warmup of %s skipped: %s", spec.name, exc)
                     skipped[spec.name] = str(exc)
+                    self._warmup_failures[spec.name] = str(exc)[:300]
         finally:
             self._warm.set()
         return JobOutput(result={"loaded": loaded, "skipped": skipped})
@@ -191,7 +193,27 @@ class Runtime:
 
     @property
     def warm(self) -> bool:
-        return self._warm.is_set()
+        """Warmup has finished and every capability's default model can serve."""
+        return self._warm.is_set() and not self.not_ready()
+
+    def not_ready(self) -> dict[str, str]:
+        """Capability -> why its default model cannot serve (not set up, or its warmup
+        failed). Resident defaults cost nothing; the others one file-system lookup each, so
+        a ``kiapi setup`` run beside a live server shows at the next /health."""
+        reasons = {}
+        for cap in CAPABILITIES:
+            spec = self.registry.default(cap.family)
+            if spec is None or self.memory.is_resident(spec.name):
+                continue
+            failed = self._warmup_failures.get(spec.name)
+            try:
+                spec.require_set_up()
+            except ModelNotSetUp as exc:
+                reasons[cap.family] = f"{spec.name}: {exc.detail}; {exc.hint}"
+                continue
+            if failed is not None:
+                reasons[cap.family] = f"{spec.name}: warmup failed: {failed}"
+        return reasons
 
     # -- jobs -----------------------------------------------------------------------------
     def require_runnable(self, spec: ModelSpec) -> None:
@@ -323,9 +345,13 @@ class Runtime:
     # -- health ---------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         worker_alive = self.worker.thread is not None and self.worker.thread.is_alive()
-        return {
+        not_ready = self.not_ready()
+        health = {
             "status": "ok" if worker_alive else "degraded",
-            "warm": self.warm,
+            "warm": self._warm.is_set() and not not_ready,
             "queue_len": self.worker.queue_len(),
             "memory": self.memory.snapshot(),
         }
+        if not_ready:
+            health["not_ready"] = not_ready
+        return health

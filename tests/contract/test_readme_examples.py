@@ -39,6 +39,8 @@ def test_every_marked_example_is_run_here():
         "langchain",
         "prometheus",
         "models-cli",
+        "common-sh",
+        "embedding-sh",
     }
 
 
@@ -70,6 +72,60 @@ def expected_outputs(code: str) -> list[str]:
     """The comment after each ``print(...)`` line, less any ``(remark)``: what it prints."""
     comments = [line.split("#", 1)[1] for line in code.splitlines() if "print(" in line]
     return [re.sub(r"\s*\([^)]*\)$", "", comment.strip()) for comment in comments]
+
+
+# Runs curl as written and, for the block's own curl commands (not those inside "$(...)",
+# where BASH_SUBSHELL > 0), appends the HTTP status to $STATUSES.
+CURL_WRAPPER = r"""
+curl() {
+  local depth=$BASH_SUBSHELL out
+  out=$(command curl -w '\n%{http_code}' "$@") || return
+  printf '%s\n' "${out%$'\n'*}"
+  if [ "$depth" = 0 ]; then echo "${out##*$'\n'}" >> "$STATUSES"; fi
+}
+"""
+
+
+def direct_curls(block: str) -> list[tuple[str, int | None]]:
+    """The block's own curl commands, each with the status its next-line comment names
+    (``# 404 {...}``, ``# 503 (...)``), or None for a 2xx."""
+    lines = block.replace("\\\n", " ").splitlines()
+    found = []
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
+        if line.startswith("curl "):
+            named = re.match(r"# ([45]\d\d) ", following)
+            found.append((line, int(named.group(1)) if named else None))
+    return found
+
+
+def png(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+
+
+@pytest.mark.parametrize("name", ["common-sh", "embedding-sh"])
+def test_shell_examples_answer_what_they_say(live, name, tmp_path):
+    """Each marked shell block runs as written (bash -e, in a folder holding its sample
+    images); every curl it runs directly answers 2xx, or the status its comment names."""
+    block = examples()[name]
+    png(tmp_path / "photo.png")
+    png(tmp_path / "cat.png")
+    statuses = tmp_path / "statuses"
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", CURL_WRAPPER + block.replace(DEFAULT_URL, live.url)],
+        cwd=tmp_path,
+        env={**os.environ, "STATUSES": str(statuses)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    got = [int(code) for code in statuses.read_text().split()]
+    wanted = direct_curls(block)
+    assert len(got) == len(wanted), (got, wanted)
+    for code, (line, want) in zip(got, wanted, strict=True):
+        assert (200 <= code < 300) if want is None else code == want, (line, code, done.stdout)
 
 
 @pytest.mark.parametrize("name", ["openai-client", "openai-chat", "langchain"])

