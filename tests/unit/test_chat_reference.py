@@ -9,8 +9,9 @@ independent references committed in ``tests/fixtures/smollm2_reference.json``
   prompt and llama.cpp's Q4_1 continuation: the 8 largest logits at every position.
 
 Measured (Intel Xeon, AVX-512): kiapi's top-1 equals the NumPy reference's at every position,
-logits within 0.1 at its 8 best tokens; its 16 greedy tokens equal llama.cpp's on the float32
-file for 8 of 8 prompts. On the Q4_1 file llama.cpp multiplies with activations quantized to
+logits within 1e-3 at its 8 best tokens (kiapi expands the weights to float32 exactly as the
+``gguf`` package does); its 16 greedy tokens equal llama.cpp's on the float32 file for 8 of 8
+prompts. On the Q4_1 file llama.cpp multiplies with activations quantized to
 8 bits (its Q8_1 dot products) and its greedy text drifts ("The capital of France is
 France."): 0 of 8 equal here (3 of 8 with the AVX2 build on AMD Zen), and at each first
 divergence the NumPy reference picks kiapi's token, or its two best logits are within 0.1."""
@@ -25,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = json.loads((ROOT / "tests/fixtures/smollm2_reference.json").read_text())
-MAX_LOGIT_DIFF = 0.1
+MAX_LOGIT_DIFF = 1e-3  # measured 1e-4: the same float32 weights, summed in another order
 NEAR_TIE = 0.1
 
 
