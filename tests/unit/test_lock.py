@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
 
 
-def locked_pins() -> dict[str, list[tuple[str, str | None, bool]]]:
-    """name -> [(version, marker, has_hash)] from requirements.lock."""
+def locked_pins(lock: str = "requirements.lock") -> dict[str, list[tuple[str, str | None, bool]]]:
+    """name -> [(version, marker, has_hash)] from a lock file."""
     pins: dict[str, list] = {}
-    lines = (ROOT / "requirements.lock").read_text().splitlines()
+    lines = (ROOT / lock).read_text().splitlines()
     for number, line in enumerate(lines):
         match = PIN.match(line)
         if match:
@@ -57,3 +57,13 @@ def test_lock_satisfies_pyproject_here():
         if len(here) != 1 or not req.specifier.contains(here[0], prereleases=True):
             problems.append(f"{req} -> locked {here or 'nothing'}")
     assert not problems, "run scripts/lock.sh:\n" + "\n".join(problems)
+
+
+def test_the_uv_that_installs_the_lock_is_the_one_that_made_it():
+    """scripts/test.sh installs requirements.lock with the uv of requirements-uv.lock; lock.sh
+    makes both with UV_VERSION."""
+    made_by = re.search(r"^UV_VERSION=(\S+)$", (ROOT / "scripts/lock.sh").read_text(), re.M)
+    pins = locked_pins("requirements-uv.lock")
+    assert list(pins) == ["uv"]
+    [(version, _marker, has_hash)] = pins["uv"]
+    assert made_by and version == made_by[1] and has_hash
