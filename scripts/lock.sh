@@ -2,7 +2,7 @@
 # Regenerate requirements.lock from pyproject.toml: every package of kiapi and of its test, lint
 # and vl extras pinned with hashes, for every platform kiapi supports (uv's universal mode).
 # CI and scripts/test.sh install from it with uv, itself pinned with hashes in requirements-uv.lock
-# (pip takes 2 min for this lock, uv 10 s); scripts/setup.sh (users) keeps
+# (pip takes 2 min for this lock, uv 45 s with bytecode compiled); scripts/setup.sh (users) keeps
 # pyproject's ranges.
 # tests/unit/test_lock.py fails when the lock no longer satisfies pyproject.toml.
 set -euo pipefail

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up ./.venv from the committed lock (requirements.lock: every package pinned with its hash,
 # so every fresh machine tests the same versions; installed by uv, pinned in requirements-uv.lock,
-# which takes 10 s where pip takes 2 min), fetch what pip cannot install with
+# which takes 45 s where pip takes 2 min), fetch what pip cannot install with
 # `kiapi setup` (pinned by SHA-256 in kiapi/runtime/pinned.py; kept in .venv/kiapi-packages),
 # and run the suites: lint (ruff), unit and contract (pytest), in that one environment.
 # Usage: scripts/test.sh [lint|unit|contract ...] [-- pytest arguments]
@@ -20,15 +20,13 @@ want=$(cat requirements-uv.lock requirements.lock pyproject.toml | sha256sum)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes \
       -r requirements-uv.lock
-  uv=(.venv/bin/uv pip install --quiet --python .venv/bin/python)
+  # Bytecode is compiled once here: test servers run as subprocesses, and without .pyc files
+  # each would compile transformers' and mlx-lm's sources again.
+  uv=(.venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode)
   "${uv[@]}" --require-hashes -r requirements.lock
   "${uv[@]}" --no-deps -e .
   echo "$want" > "$stamp"
 fi
-# Python writes each module's .pyc when it first imports it (uv compiles none, and compiling all
-# 15,000 files up front costs 30 s): without them every test server, a subprocess, would
-# compile transformers' and mlx-lm's sources again.
-unset PYTHONDONTWRITEBYTECODE
 export KIAPI_PACKAGES_ROOT="$PWD/.venv/kiapi-packages"
 .venv/bin/kiapi setup >/dev/null
 
