@@ -72,6 +72,28 @@ def wait_until(predicate, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def wait_until_warm(url: str, server, timeout: float = 120.0) -> dict:
+    """Poll ``url``/health until it says ``warm: true`` and return that answer. ``server`` is
+    the ``kiapi serve`` subprocess (stderr piped, text): if it exits first, or the time runs
+    out, the test fails with the end of its stderr."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"{url}/health", timeout=5).json()
+            if health.get("warm"):
+                return health
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            break
+        time.sleep(0.1)
+    if server.poll() is None:
+        server.kill()
+    raise AssertionError(f"{url} not warm within {timeout} s: {server.stderr.read()[-3000:]}")
+
+
 def hold_the_worker(runtime) -> threading.Event:
     """Run a job that blocks ``runtime``'s worker until the returned event is set."""
     from kiapi.runtime.worker import JobOutput

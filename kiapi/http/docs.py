@@ -31,9 +31,18 @@ ASSETS = {
 ASSETS_PATH = "/docs-assets"
 
 
+_found_assets: Path | None = None
+
+
 def assets_dir() -> Path | None:
-    found = pinned.package_folder(ASSETS_PACKAGE)
-    return found / "static" / ASSETS_PACKAGE if found is not None else None
+    """The Swagger UI / ReDoc assets folder, or None while it is not set up. A folder once
+    found is remembered (one ``stat`` per request, not a package lookup); a missing one is
+    looked up again each time, so that ``kiapi setup`` beside a live server takes effect."""
+    global _found_assets
+    if _found_assets is None or not _found_assets.is_dir():
+        found = pinned.package_folder(ASSETS_PACKAGE)
+        _found_assets = found / "static" / ASSETS_PACKAGE if found is not None else None
+    return _found_assets
 
 
 SWAGGER_PAGE = """<!doctype html>

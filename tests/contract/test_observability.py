@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -20,7 +19,7 @@ from kiapi.runtime.catalog import EMBEDDING
 from kiapi.runtime.core import Runtime
 from kiapi.runtime.jobs import report_progress
 from kiapi.runtime.registry import LoadedModel, ModelSpec, Registry
-from tests.support import free_port, wait_until
+from tests.support import free_port, wait_until, wait_until_warm
 
 
 def scrape(client) -> dict[tuple[str, tuple], float]:
@@ -178,15 +177,7 @@ def test_json_request_lines_from_a_real_server(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health").json()["warm"]:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None
-            time.sleep(0.1)
+        wait_until_warm(url, server)
         r = httpx.post(f"{url}/v1/embedding", json={"text": "log me"}, timeout=30)
         job_id = r.headers["X-Kiapi-Job-Id"]
         httpx.get(f"{url}/v1/files/{MISSING_FILE}")

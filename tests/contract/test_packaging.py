@@ -10,16 +10,16 @@ point, its package data.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.support import free_port, wait_until_warm
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = sorted(p.relative_to(ROOT / "specs").as_posix() for p in (ROOT / "specs").rglob("*.json"))
@@ -69,12 +69,6 @@ def test_the_wheel_carries_the_specs_and_the_license(dist):
     assert "License-Expression: MIT" in text
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_installed_wheel_serves_docs_and_both_bundled_models(dist, tmp_path):
     bin_dir = fresh_venv(tmp_path / "venv")
     pip_install(bin_dir, next(dist.glob("kiapi-*.whl")))
@@ -95,15 +89,7 @@ def test_the_installed_wheel_serves_docs_and_both_bundled_models(dist, tmp_path)
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        health = {}
-        while time.monotonic() < deadline and not health.get("warm"):
-            try:
-                health = httpx.get(f"{url}/health", timeout=5).json()
-            except httpx.TransportError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-            time.sleep(0.5)
-        assert health.get("warm") is True, health
+        wait_until_warm(url, server)
         for page in ("/v1/chat/docs.html", "/docs-assets/swagger-ui-bundle.js"):
             assert httpx.get(url + page, timeout=10).status_code == 200, page
         kiapi_path = httpx.get(f"{url}/v1/chat/openapi.json", timeout=10).json()

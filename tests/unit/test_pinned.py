@@ -151,3 +151,23 @@ def test_the_pins_name_every_package_kiapi_fetches():
         assert len(wheel.sha256) == 64 and wheel.filename.startswith(
             wheel.distribution.replace("-", "_") + "-" + wheel.version + "-"
         )
+
+
+def test_docs_assets_are_looked_up_until_found_then_remembered(monkeypatch, tmp_path):
+    from kiapi.http import docs
+
+    package = tmp_path / "drf_spectacular_sidecar"
+    lookups = []
+
+    def package_folder(name):
+        lookups.append(name)
+        return package if package.is_dir() else None
+
+    monkeypatch.setattr(docs.pinned, "package_folder", package_folder)
+    monkeypatch.setattr(docs, "_found_assets", None)
+    assert docs.assets_dir() is None and docs.assets_dir() is None
+    assert len(lookups) == 2  # not set up: looked up on every request
+    (package / "static" / docs.ASSETS_PACKAGE).mkdir(parents=True)  # `kiapi setup` meanwhile
+    assert docs.assets_dir() == package / "static" / docs.ASSETS_PACKAGE
+    assert docs.assets_dir() == package / "static" / docs.ASSETS_PACKAGE
+    assert len(lookups) == 3  # found once, then remembered
