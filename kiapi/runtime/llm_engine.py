@@ -208,9 +208,9 @@ def dequantized_float32(packed: Any, scales: Any, biases: Any, group_size: int, 
     """``scale * q + bias`` for every packed value, computed in float32.
 
     MLX packs ``32 // bits`` values into each uint32, the first in the lowest bits. Two
-    reasons not to call ``mx.dequantize``: on the CPU it is slow (measured here: 6.3 s for
-    SmolLM2's 211 matrices, 1.2 s for this element-wise form), and it computes in the scales'
-    dtype (float16 for GGUF files), so its values are off by up to 1e-3 from the float32
+    reasons not to call ``mx.dequantize``: on the CPU it is slow (``bench/dequantize.py``:
+    3.9 s for SmolLM2's 211 matrices, 0.6 s for this element-wise form), and it computes in the
+    scales' dtype (float16 for GGUF files), so its values are off by up to 4e-3 from the float32
     expansion llama.cpp and the ``gguf`` package make (this form equals that expansion bit
     for bit; ``scripts/reference/smollm2_f32_gguf.py``). Widths that do not divide 32 (3, 5,
     6 bits) straddle words and go through ``mx.dequantize``."""
