@@ -46,18 +46,21 @@ def logits(chat, ids: list[int]) -> np.ndarray:
     return np.array(chat.model(mx.array([ids]))[0].astype(mx.float32))
 
 
-def greedy(chat, ids: list[int], steps: int) -> list[int]:
+def greedy(chat, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Each prompt's ``steps`` greedy tokens (fewer if it ends), all decoded in one continuous
+    batch: they join together and leave as they finish, so every comparison with the
+    one-at-a-time references below is also a check that batching leaves greedy text as is."""
     from kiapi.runtime.llm_engine import Generator, Sampling
 
     generator = Generator(chat)
-    generator.add(ids, steps, Sampling(temperature=0))
-    out = []
+    uids = [generator.add(ids, steps, Sampling(temperature=0)) for ids in prompts]
+    out: dict[int, list[int]] = {uid: [] for uid in uids}
     while generator.active:
         for step in generator.step():
             if not (step.finish == "stop" and step.token in chat.stop_ids):
-                out.append(step.token)
+                out[step.uid].append(step.token)
     generator.close()
-    return out
+    return [out[uid] for uid in uids]
 
 
 @pytest.mark.parametrize("index", range(len(REFERENCE["prompts"])))
@@ -81,7 +84,12 @@ def test_logits_match_the_numpy_reference_at_every_position(chat, index):
 @pytest.fixture(scope="module")
 def ours(chat) -> list[list[int]]:
     """kiapi's 16 greedy tokens for each prompt (stopping early at the end token)."""
-    return [greedy(chat, prompt["ids"], 16) for prompt in REFERENCE["prompts"]]
+    return greedy(chat, [prompt["ids"] for prompt in REFERENCE["prompts"]], 16)
+
+
+def test_a_prompt_alone_decodes_as_it_does_in_the_batch(chat, ours):
+    index = max(range(len(ours)), key=lambda i: len(ours[i]))
+    assert greedy(chat, [REFERENCE["prompts"][index]["ids"]], 16) == [ours[index]]
 
 
 def greedy_agreement(
