@@ -14,8 +14,9 @@ Prints markdown tables for all-MiniLM-L6-v2 (the bundled model):
    sending one text per request, each text different;
 3. per server: seconds from process start to ``warm: true``, RSS after warm-up and after the
    runs;
-4. the peer server ``infinity_emb`` on the same model folder, when it is installed (it is not
-   a kiapi dependency: it needs torch).
+4. the peer server infinity-emb on the same model folder with its torch and its optimum
+   (ONNX Runtime) engines, each from its own venv (``peers.py`` creates them on first use;
+   ``--no-peers`` skips them).
 
 The load generator is a minimal asyncio HTTP/1.1 client (no per-request parsing beyond the
 status line and Content-Length) so that it costs the 2-core machine as little as possible; it
@@ -277,32 +278,45 @@ def run_kiapi(name: str, env: dict[str, str], texts, clients, seconds) -> Server
     return ServerRun(name, warm_s, rss_warm, rss_after, results)
 
 
-def run_infinity(texts, clients, seconds) -> ServerRun | None:
-    """The peer server on the same folder, if ``infinity_emb`` is importable."""
-    import importlib.util
+INFINITY_ENGINES = ("torch", "optimum")  # optimum: ONNX Runtime, infinity's fastest on CPU
 
-    if importlib.util.find_spec("infinity_emb") is None:
-        return None
+
+def run_infinity(engine: str, texts, clients, seconds) -> ServerRun:
+    """The peer server on the same folder, from its own venv (``peers.py``), one engine."""
+    import os
+
+    from peers import PEER_ENV, onnx_copy, python_for
+
+    python = python_for(f"infinity-{engine}")
+    model = ["--model-id", str(model_folder())]
+    if engine == "optimum":
+        # its ONNX copy, served under the folder's name; without --pooling-method mean this
+        # engine pools the CLS token (all-MiniLM-L6-v2 is a mean-pooling model)
+        model = ["--model-id", str(onnx_copy(model_folder(), MODEL))]
+        model += ["--served-model-name", str(model_folder()), "--pooling-method", "mean"]
     port = free_port()
     started = time.perf_counter()
     server = subprocess.Popen(
-        [sys.executable, "-m", "infinity_emb.cli", "v2", "--model-id", str(model_folder())]
-        + ["--port", str(port), "--engine", "torch", "--batch-size", "32"],
+        [str(python), "-m", "infinity_emb.cli", "v2", *model]
+        + ["--port", str(port), "--engine", engine, "--batch-size", "32"],
+        env={**os.environ, **PEER_ENV},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     import httpx
 
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # optimum exports the model to ONNX first
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                return None
+            if server.poll() is not None:
+                raise SystemExit(f"infinity ({engine}) exited: {server.stderr.read()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"infinity ({engine}) did not answer within 300 s")
             time.sleep(0.1)
         warm_s = time.perf_counter() - started
         process = psutil.Process(server.pid)
@@ -318,7 +332,7 @@ def run_infinity(texts, clients, seconds) -> ServerRun | None:
         rss_after = process.memory_info().rss / 2**20
     finally:
         stop_server(server)
-    return ServerRun("infinity_emb (peer)", warm_s, rss_warm, rss_after, results)
+    return ServerRun(f"infinity-emb 0.0.78, {engine} engine", warm_s, rss_warm, rss_after, results)
 
 
 # --------------------------------------------------------------------------- report
@@ -383,6 +397,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32,128")
     parser.add_argument("--tokens", default="12,128,256")
     parser.add_argument("--no-off", action="store_true", help="skip the batching-off server")
+    parser.add_argument("--no-peers", action="store_true", help="skip the infinity servers")
     parser.add_argument("--direct-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tokens_list = [int(t) for t in args.tokens.split(",")]
@@ -398,12 +413,9 @@ def main() -> None:
             "kiapi, batching off", {"KIAPI_BATCH_MAX_ITEMS": "1"}, texts, clients, args.seconds
         )
         runs.append(off)
-    peer = run_infinity(texts, clients, args.seconds)
-    if peer is not None:
-        runs.append(peer)
+    if not args.no_peers:
+        runs += [run_infinity(e, texts, clients, args.seconds) for e in INFINITY_ENGINES]
     report(direct_rates, runs, tokens_list, clients, args)
-    if peer is None:
-        print("\ninfinity_emb is not installed: the peer server was not measured in this run.")
 
 
 if __name__ == "__main__":

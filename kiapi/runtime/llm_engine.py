@@ -21,6 +21,7 @@ requests share every decode step (continuous batching). Only the worker thread c
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -181,27 +182,77 @@ def dequantize_for_cpu(model: Any) -> None:
     """Quantized layers -> float32 ones, in place. MLX's CPU backend has no fast quantized
     matmul: measured here, a 4-bit 1536x576 matvec took 2.3 ms and the float32 one (BLAS)
     0.5 ms, so decoding runs ~2.5x faster on float32 weights, for 4-8x their memory. On a GPU
-    (Metal) the quantized kernels are the fast ones and nothing changes."""
+    (Metal) the quantized kernels are the fast ones and nothing changes.
+
+    The float32 matrices are stored transposed, (inputs, outputs) row-major
+    (:class:`ColumnMajorLinear`): OpenBLAS multiplies a few rows by such a matrix faster than
+    by the transpose of an (outputs, inputs) one (``bench/decode_profile.py``). A quantized
+    embedding keeps its packed table for lookups and, when the model ties its output head to
+    it (no ``lm_head``), holds the head as a transposed float32 copy (:class:`CpuEmbedding`)."""
     import_mlx()
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
 
+    column_major_linear, cpu_embedding = cpu_modules()
+    tied = "lm_head" not in model
     replaced = []
     for path, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
+        if isinstance(module, nn.QuantizedEmbedding):
+            replaced.append((path, cpu_embedding(module, head=tied)))
+        elif isinstance(module, nn.QuantizedLinear):
             weight = dequantized_float32(
                 module.weight, module.scales, module.biases, module.group_size, module.bits
             )
-            if isinstance(module, nn.QuantizedEmbedding):
-                plain = nn.Embedding(*weight.shape)
-            else:
-                plain = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-                if "bias" in module:
-                    plain.bias = module.bias
-            plain.weight = weight
-            replaced.append((path, plain))
+            replaced.append((path, column_major_linear(weight, module.get("bias"))))
     if replaced:
         model.update_modules(tree_unflatten(replaced))
+
+
+@functools.cache
+def cpu_modules() -> tuple[type, type]:
+    """``(ColumnMajorLinear, CpuEmbedding)``, defined once MLX is imported (lazily)."""
+    mx = import_mlx()
+    import mlx.nn as nn
+
+    class ColumnMajorLinear(nn.Module):
+        """``x @ W.T + b`` with ``W.T`` stored contiguous (see :func:`dequantize_for_cpu`)."""
+
+        def __init__(self, weight: Any, bias: Any = None) -> None:
+            super().__init__()
+            self.weight_t = mx.contiguous(weight.T)
+            if bias is not None:
+                self.bias = bias
+
+        def __call__(self, x: Any) -> Any:
+            if "bias" in self:
+                return mx.addmm(self.bias, x, self.weight_t)
+            return x @ self.weight_t
+
+    class CpuEmbedding(nn.Module):
+        """A quantized embedding table whose looked-up rows are expanded to float32 exactly
+        as :func:`dequantized_float32` expands matrices; ``as_linear`` (a tied output head)
+        multiplies by a transposed float32 copy, made only when ``head`` is true."""
+
+        def __init__(self, quantized: Any, head: bool) -> None:
+            super().__init__()
+            self.weight, self.scales = quantized.weight, quantized.scales
+            self.biases = quantized.biases
+            self.group_size, self.bits = quantized.group_size, quantized.bits
+            if head:
+                table = dequantized_float32(
+                    self.weight, self.scales, self.biases, self.group_size, self.bits
+                )
+                self.head_t = mx.contiguous(table.T)
+
+        def __call__(self, ids: Any) -> Any:
+            return dequantized_float32(
+                self.weight[ids], self.scales[ids], self.biases[ids], self.group_size, self.bits
+            )
+
+        def as_linear(self, x: Any) -> Any:
+            return x @ self.head_t
+
+    return ColumnMajorLinear, CpuEmbedding
 
 
 def dequantized_float32(packed: Any, scales: Any, biases: Any, group_size: int, bits: int) -> Any:

@@ -1,6 +1,7 @@
 """kiapi expands quantized chat weights to float32 itself (``dequantized_float32``): the
 values must be ``scale * q + bias`` in float32, unpacked in MLX's order, checked here against
-a NumPy unpacking of the same words, and against ``mx.dequantize`` up to its float16 rounding."""
+a NumPy unpacking of the same words, and against ``mx.dequantize`` up to its float16 rounding;
+the layers ``dequantize_for_cpu`` puts in their place compute with those values."""
 
 from __future__ import annotations
 
@@ -38,3 +39,55 @@ def test_expansion_is_scale_times_value_plus_bias_in_float32(bits):
     if 32 % bits == 0:
         expected = numpy_expansion(packed, scales, biases, 32, bits)
         assert np.array_equal(np.array(ours), expected)
+
+
+def quantized_layers(bias: bool):
+    from kiapi.runtime.mlx_import import import_mlx
+
+    mx = import_mlx()
+    import mlx.nn as nn
+
+    class Tiny(nn.Module):  # an embedding tied to the output head, and one linear layer
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(40, 64)
+            self.proj = nn.Linear(64, 96, bias=bias)
+
+        def __call__(self, ids):
+            return self.embed_tokens.as_linear(self.proj(self.embed_tokens(ids))[..., :64])
+
+    mx.random.seed(3)
+    model = Tiny()
+    nn.quantize(model, group_size=32, bits=4)
+    return mx, nn, model
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_layers_compute_with_the_exact_float32_expansion(bias):
+    from kiapi.runtime.llm_engine import cpu_modules, dequantize_for_cpu, dequantized_float32
+
+    mx, nn, model = quantized_layers(bias)
+    emb, proj = model.embed_tokens, model.proj
+    table = dequantized_float32(emb.weight, emb.scales, emb.biases, 32, 4)
+    weight = dequantized_float32(proj.weight, proj.scales, proj.biases, 32, 4)
+    ids = mx.array([[3, 0, 39, 3]])
+    rows = np.array(table)[np.array(ids)]
+    expected = rows @ np.array(weight).T + (np.array(proj.bias) if bias else 0)
+    expected = expected[..., :64] @ np.array(table).T
+
+    dequantize_for_cpu(model)
+    column_major_linear, cpu_embedding = cpu_modules()
+    assert isinstance(model.proj, column_major_linear)
+    assert isinstance(model.embed_tokens, cpu_embedding)
+    assert model.proj.weight_t.shape == (64, 96)  # stored transposed, contiguous
+    assert np.array_equal(np.array(model.embed_tokens(ids)), rows)  # lookups stay exact
+    assert np.abs(np.array(model(ids)) - expected).max() < 1e-4
+
+
+def test_an_untied_embedding_keeps_no_head_copy():
+    from kiapi.runtime.llm_engine import dequantize_for_cpu
+
+    _mx, _nn, model = quantized_layers(False)
+    model.lm_head = model.proj  # an output head of its own: the table is never a matmul
+    dequantize_for_cpu(model)
+    assert "head_t" not in model.embed_tokens

