@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -57,28 +57,35 @@ def gguf_path() -> Path:
     return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def long_prompt(index: int) -> str:
-    """A user message that makes a chat prompt of about ``LONG_PROMPT_TOKENS`` tokens
-    (SmolLM2's tokenizer, its template), different for each ``index``."""
+def make_long_prompts(count: int) -> list[str]:
+    """User messages that make chat prompts of about ``LONG_PROMPT_TOKENS`` tokens (SmolLM2's
+    tokenizer and template), each different. Run in this script's ``--prompts-only``
+    subprocess: the load generator's process must not load MLX (its idle BLAS threads slowed
+    llama.cpp's single stream from 83 to 18 tokens/s when it did)."""
+    from kiapi.runtime.llm_engine import load_gguf
+
+    chat = load_gguf(gguf_path())
     words = ["river", "stone", "lantern", "meadow", "copper", "signal", "harbor", "orbit"]
-    text, n = f"Request {index}: summarise these notes.", 0
-    while True:
-        n += 1
-        candidate = text + " " + " ".join(words[(index + i) % len(words)] for i in range(n))
-        if _prompt_tokens(candidate) >= LONG_PROMPT_TOKENS:
-            return candidate
+    out = []
+    for index in range(count):
+        text = f"Request {index}: summarise these notes."
+        while (
+            len(chat.encode(chat.render([{"role": "user", "content": text}]))) < LONG_PROMPT_TOKENS
+        ):
+            text += " " + words[(index + len(text)) % len(words)]
+        out.append(text)
+    return out
 
 
-_TOKENIZER: list = []
-
-
-def _prompt_tokens(user: str) -> int:
-    if not _TOKENIZER:
-        from kiapi.runtime.llm_engine import load_gguf
-
-        _TOKENIZER.append(load_gguf(gguf_path()))
-    chat = _TOKENIZER[0]
-    return len(chat.encode(chat.render([{"role": "user", "content": user}])))
+def long_prompts(count: int = 3) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--prompts-only", str(count)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- one stream
@@ -141,7 +148,9 @@ class ChatFigures:
     parallel_streams: int
 
 
-async def chat_figures(name: str, base: str, model: str, new_tokens: int) -> ChatFigures:
+async def chat_figures(
+    name: str, base: str, model: str, new_tokens: int, longs_text: list[str]
+) -> ChatFigures:
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S)
     async with httpx.AsyncClient(timeout=timeout) as client:
         await stream_chat(client, base, "Hello.", 4, model)  # warm both paths
@@ -149,7 +158,7 @@ async def chat_figures(name: str, base: str, model: str, new_tokens: int) -> Cha
             await stream_chat(client, base, f"Write a story about {TOPICS[i]}.", new_tokens, model)
             for i in range(3)
         ]
-        longs = [await stream_chat(client, base, long_prompt(i), 1, model) for i in range(3)]
+        longs = [await stream_chat(client, base, text, 1, model) for text in longs_text]
         started = time.perf_counter()
         together = await asyncio.gather(
             *(
@@ -200,7 +209,7 @@ def kiapi_env() -> dict[str, str]:
     return {"KIAPI_WARMUP": f"{EMBED_MODEL},{CHAT_MODEL}"}
 
 
-def measure_llamacpp(new_tokens: int) -> tuple[ChatFigures, float]:
+def measure_llamacpp(new_tokens: int, longs: list[str]) -> tuple[ChatFigures, float]:
     from peers import python_for
 
     python = python_for("llamacpp")
@@ -208,7 +217,9 @@ def measure_llamacpp(new_tokens: int) -> tuple[ChatFigures, float]:
     server = start_llamacpp(python, port)
     try:
         figures = asyncio.run(
-            chat_figures("llama-cpp-python server", f"http://127.0.0.1:{port}", "x", new_tokens)
+            chat_figures(
+                "llama-cpp-python server", f"http://127.0.0.1:{port}", "x", new_tokens, longs
+            )
         )
         rss = psutil.Process(server.pid).memory_info().rss / 2**20
     finally:
@@ -277,14 +288,16 @@ def measure_mixed(base: str, port: int, seconds: float, new_tokens: int) -> Mixe
     )
 
 
-def measure_kiapi(new_tokens: int, seconds: float) -> tuple[ChatFigures, Mixed, float, float]:
+def measure_kiapi(
+    new_tokens: int, seconds: float, longs: list[str]
+) -> tuple[ChatFigures, Mixed, float, float]:
     port = free_port()
     with tempfile.TemporaryDirectory() as files_root:
         server, warm_s = start_server(port, files_root, kiapi_env())
         try:
             base = f"http://127.0.0.1:{port}"
             rss_warm = psutil.Process(server.pid).memory_info().rss / 2**20
-            figures = asyncio.run(chat_figures("kiapi", base, CHAT_MODEL, new_tokens))
+            figures = asyncio.run(chat_figures("kiapi", base, CHAT_MODEL, new_tokens, longs))
             mixed = measure_mixed(base, port, seconds, new_tokens)
         finally:
             stop_server(server)
@@ -321,20 +334,53 @@ def mixed_table(m: Mixed) -> list[str]:
     ]
 
 
+def measure_in_subprocess(server: str, new_tokens: int, seconds: float, longs: list[str]):
+    """One server's measurements in a fresh child process, so that no load generator state
+    carries from one server to the next (measured: llama.cpp's single stream ran at 20-27
+    instead of ~80 tokens/s when this process had started and stopped kiapi first)."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--only", server, "--new-tokens", str(new_tokens)]
+        + ["--seconds", str(seconds)],
+        input=json.dumps(longs),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_only(server: str, new_tokens: int, seconds: float, longs: list[str]) -> dict:
+    if server == "llamacpp":
+        figures, rss = measure_llamacpp(new_tokens, longs)
+        return {"figures": asdict(figures), "rss_mib": rss}
+    figures, mixed, rss_warm, warm_s = measure_kiapi(new_tokens, seconds, longs)
+    return {
+        "figures": asdict(figures),
+        "mixed": asdict(mixed),
+        "rss_mib": rss_warm,
+        "warm_s": warm_s,
+    }
+
+
 def run(new_tokens: int, seconds: float, peer: bool) -> dict:
     """Every measurement of this script; the tables as lines and the figures for targets."""
-    ours, mixed, rss_warm, warm_s = measure_kiapi(new_tokens, seconds)
-    rows = [ours]
+    longs = long_prompts()
+    ours = measure_in_subprocess("kiapi", new_tokens, seconds, longs)
+    figures, mixed = ChatFigures(**ours["figures"]), Mixed(**ours["mixed"])
+    rows = [figures]
     theirs = None
     if peer:
-        theirs, _ = measure_llamacpp(new_tokens)
+        theirs = ChatFigures(
+            **measure_in_subprocess("llamacpp", new_tokens, seconds, longs)["figures"]
+        )
         rows.append(theirs)
     return {
-        "ours": ours,
+        "ours": figures,
         "theirs": theirs,
         "mixed": mixed,
-        "rss_warm_mib": rss_warm,
-        "warm_s": warm_s,
+        "rss_warm_mib": ours["rss_mib"],
+        "warm_s": ours["warm_s"],
         "lines": chat_table(rows) + [""] + mixed_table(mixed),
     }
 
@@ -344,7 +390,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python")
+    parser.add_argument("--prompts-only", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["kiapi", "llamacpp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.only:  # the child of measure_in_subprocess; the long prompts come on stdin
+        longs = json.loads(sys.stdin.read())
+        print(json.dumps(measure_only(args.only, args.new_tokens, args.seconds, longs)))
+        return
+    if args.prompts_only:
+        print(json.dumps(make_long_prompts(args.prompts_only)))
+        return
     result = run(args.new_tokens, args.seconds, not args.no_peer)
     print(f"machine: {machine()}; SmolLM2-135M-Instruct Q4_1 GGUF, greedy, {THREADS} threads\n")
     print("\n".join(result["lines"]))

@@ -41,6 +41,17 @@ def minilm_gflop(tokens: int) -> float:
     return MINILM_LAYERS * (tokens * per_token + attention) / 1e9
 
 
+def gemm_gflops_in_subprocess() -> float:
+    """:func:`gemm_gflops` in a child process: this one, the load generator, stays free of
+    MLX and its BLAS threads (see ``chat_serving.make_long_prompts``)."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, __file__, "--gemm-only"], capture_output=True, text=True, check=True
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def gemm_gflops(size: int = 1024, repeats: int = 20) -> float:
     from kiapi.config import Settings
     from kiapi.runtime import blas
@@ -84,9 +95,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--gemm-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gemm_only:
+        print(gemm_gflops())
+        return
 
-    gflops, gbs = gemm_gflops(), bandwidth_gbs()
+    gflops, gbs = gemm_gflops_in_subprocess(), bandwidth_gbs()
     print(f"machine: {machine()}")
     print(f"float32 GEMM through MLX: {gflops:.0f} GFLOP/s; memory copy: {gbs:.1f} GB/s\n")
     print("| workload | work per item | bound at that rate |")
