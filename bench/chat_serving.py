@@ -8,8 +8,8 @@ SmolLM2-135M-Instruct (the bundled ``SmolLM2-135M-Instruct.Q4_1.gguf``), greedy,
 and the same prompts. Measured per server:
 
 * one stream: decode tokens/s (tokens after the first over the time after the first) and
-  time to first token, for a short prompt and for a 256-token one (each prompt different, so
-  no server reuses a cached prefix); medians of 3;
+  time to first token, for a short prompt (median and range of 5 runs) and for a 256-token
+  one (median of 3; each prompt different, so no server reuses a cached prefix);
 * 8 streams started together: aggregate tokens/s (all tokens over the wall time from the
   first request to the last answer) and the median time to first token.
 
@@ -45,6 +45,7 @@ EMBED_MODEL = "all-minilm-l6-v2"
 THREADS = 2
 LONG_PROMPT_TOKENS = 256
 REQUEST_TIMEOUT_S = 300
+SINGLE_RUNS = 5
 TOPICS = ["a cat", "the sea", "a lighthouse", "a robot", "winter", "a city", "a garden", "a fox"]
 
 
@@ -141,6 +142,7 @@ async def stream_chat(
 class ChatFigures:
     server: str
     decode_tps: float
+    decode_tps_range: tuple[float, float]
     ttft_short_s: float
     ttft_long_s: float
     parallel_tps: float
@@ -156,7 +158,7 @@ async def chat_figures(
         await stream_chat(client, base, "Hello.", 4, model)  # warm both paths
         singles = [
             await stream_chat(client, base, f"Write a story about {TOPICS[i]}.", new_tokens, model)
-            for i in range(3)
+            for i in range(SINGLE_RUNS)
         ]
         longs = [await stream_chat(client, base, text, 1, model) for text in longs_text]
         started = time.perf_counter()
@@ -170,6 +172,10 @@ async def chat_figures(
     return ChatFigures(
         server=name,
         decode_tps=statistics.median(s.decode_tps for s in singles),
+        decode_tps_range=(
+            min(s.decode_tps for s in singles),
+            max(s.decode_tps for s in singles),
+        ),
         ttft_short_s=statistics.median(s.ttft for s in singles),
         ttft_long_s=statistics.median(s.ttft for s in longs),
         parallel_tps=sum(s.tokens for s in together) / wall,
@@ -309,13 +315,15 @@ def measure_kiapi(
 
 def chat_table(rows: list[ChatFigures]) -> list[str]:
     out = [
-        "| server | decode tok/s, 1 stream | TTFT short prompt | TTFT 256-token prompt "
+        "| server | decode tok/s, 1 stream: median (range) | TTFT short prompt "
+        "| TTFT 256-token prompt "
         "| 8 streams: aggregate tok/s | 8 streams: median TTFT |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r.server} | {r.decode_tps:.1f} | {r.ttft_short_s * 1000:.0f} ms "
+            f"| {r.server} | {r.decode_tps:.1f} ({r.decode_tps_range[0]:.1f}-"
+            f"{r.decode_tps_range[1]:.1f}) | {r.ttft_short_s * 1000:.0f} ms "
             f"| {r.ttft_long_s * 1000:.0f} ms | {r.parallel_tps:.1f} "
             f"| {r.parallel_ttft_s * 1000:.0f} ms |"
         )
