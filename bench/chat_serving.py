@@ -61,8 +61,7 @@ def gguf_path() -> Path:
 def make_long_prompts(count: int) -> list[str]:
     """User messages that make chat prompts of about ``LONG_PROMPT_TOKENS`` tokens (SmolLM2's
     tokenizer and template), each different. Run in this script's ``--prompts-only``
-    subprocess: the load generator's process must not load MLX (its idle BLAS threads slowed
-    llama.cpp's single stream from 83 to 18 tokens/s when it did)."""
+    subprocess, so that the load generator's process holds no model and no MLX threads."""
     from kiapi.runtime.llm_engine import load_gguf
 
     chat = load_gguf(gguf_path())
@@ -344,8 +343,9 @@ def mixed_table(m: Mixed) -> list[str]:
 
 def measure_in_subprocess(server: str, new_tokens: int, seconds: float, longs: list[str]):
     """One server's measurements in a fresh child process, so that no load generator state
-    carries from one server to the next (measured: llama.cpp's single stream ran at 20-27
-    instead of ~80 tokens/s when this process had started and stopped kiapi first)."""
+    carries from one server to the next. (llama-cpp-python's single-stream figure still
+    ranged 13-83 tokens/s between runs here, fresh child or not: its two spin-waiting threads
+    share the two vCPUs with its HTTP thread and this client; hence the range in the table.)"""
     done = subprocess.run(
         [sys.executable, __file__, "--only", server, "--new-tokens", str(new_tokens)]
         + ["--seconds", str(seconds)],
