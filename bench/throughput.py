@@ -43,7 +43,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from _common import free_port, machine, percentile, start_server, stop_server
+from _common import (
+    free_port,
+    machine,
+    percentile,
+    start_peer,
+    start_server,
+    stop_server,
+    target_row,
+)
 
 MODEL = "all-minilm-l6-v2"
 TARGETS = {  # issue 4, all-MiniLM-L6-v2 on a 2-core machine
@@ -283,8 +291,6 @@ INFINITY_ENGINES = ("torch", "optimum")  # optimum: ONNX Runtime, infinity's fas
 
 def run_infinity(engine: str, texts, clients, seconds) -> ServerRun:
     """The peer server on the same folder, from its own venv (``peers.py``), one engine."""
-    import os
-
     from peers import PEER_ENV, onnx_copy, python_for
 
     python = python_for(f"infinity-{engine}")
@@ -295,30 +301,14 @@ def run_infinity(engine: str, texts, clients, seconds) -> ServerRun:
         model = ["--model-id", str(onnx_copy(model_folder(), MODEL))]
         model += ["--served-model-name", str(model_folder()), "--pooling-method", "mean"]
     port = free_port()
-    started = time.perf_counter()
-    server = subprocess.Popen(
+    server, warm_s = start_peer(
         [str(python), "-m", "infinity_emb.cli", "v2", *model]
         + ["--port", str(port), "--engine", engine, "--batch-size", "32"],
-        env={**os.environ, **PEER_ENV},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        PEER_ENV,
+        f"http://127.0.0.1:{port}/health",
+        f"infinity ({engine})",
     )
-    import httpx
-
     try:
-        deadline = time.monotonic() + 300  # optimum exports the model to ONNX first
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"infinity ({engine}) exited: {server.stderr.read()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"infinity ({engine}) did not answer within 300 s")
-            time.sleep(0.1)
-        warm_s = time.perf_counter() - started
         process = psutil.Process(server.pid)
         rss_warm = process.memory_info().rss / 2**20
         results = {}
@@ -338,6 +328,31 @@ def run_infinity(engine: str, texts, clients, seconds) -> ServerRun:
 # --------------------------------------------------------------------------- report
 
 
+def server_tables(runs: list[ServerRun]) -> list[str]:
+    """Each server's load results, then its start-to-warm time and RSS, as markdown lines."""
+    lines = [
+        "| server | tokens | clients | req/s | p50 ms | p99 ms | mean batch | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for (tokens, n), r in run.results.items():
+            lines.append(
+                f"| {run.name} | {tokens} | {n} | {r.rps:.1f} | {r.ms(50):.1f} | {r.ms(99):.1f} "
+                f"| {r.mean_batch:.1f} | {r.errors} |"
+            )
+    lines += [
+        "",
+        "| server | start to warm s | RSS warm MiB | RSS after runs MiB |",
+        "|---|---|---|---|",
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run.name} | {run.start_to_warm_s:.2f} | {run.rss_warm_mib:.0f} "
+            f"| {run.rss_after_mib:.0f} |"
+        )
+    return lines
+
+
 def report(direct_rates, runs: list[ServerRun], tokens_list, clients, args) -> None:
     from kiapi.config import Settings
     from kiapi.runtime import blas
@@ -352,21 +367,7 @@ def report(direct_rates, runs: list[ServerRun], tokens_list, clients, args) -> N
         r = direct_rates[str(tokens)]
         print(f"| {tokens} | {r['1']:.1f} | {r['8']:.1f} | {r['32']:.1f} | {r['plain32']:.1f} |")
     print("\nThrough HTTP (one text per request):\n")
-    print("| server | tokens | clients | req/s | p50 ms | p99 ms | mean batch | errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    for run in runs:
-        for (tokens, n), r in run.results.items():
-            print(
-                f"| {run.name} | {tokens} | {n} | {r.rps:.1f} | {r.ms(50):.1f} | {r.ms(99):.1f} "
-                f"| {r.mean_batch:.1f} | {r.errors} |"
-            )
-    print("\n| server | start to warm s | RSS warm MiB | RSS after runs MiB |")
-    print("|---|---|---|---|")
-    for run in runs:
-        print(
-            f"| {run.name} | {run.start_to_warm_s:.2f} | {run.rss_warm_mib:.0f} "
-            f"| {run.rss_after_mib:.0f} |"
-        )
+    print("\n".join(server_tables(runs)))
     on = runs[0]
     checks = []
     if (12, 32) in on.results and "12" in direct_rates:
@@ -386,9 +387,8 @@ def report(direct_rates, runs: list[ServerRun], tokens_list, clients, args) -> N
     print("\nTargets (batching on):\n")
     print("| target | measured | goal | |")
     print("|---|---|---|---|")
-    for name, value, op, goal in checks:
-        met = value >= goal if op == ">=" else value <= goal
-        print(f"| {name} | {value:.2f} | {op} {goal:g} | {'met' if met else 'MISSED'} |")
+    for check in checks:
+        print(target_row(*check))
 
 
 def main() -> None:

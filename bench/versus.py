@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat_serving  # noqa: E402
 import throughput  # noqa: E402
-from _common import machine  # noqa: E402
+from _common import machine, target_row  # noqa: E402
 
 MINILM_LAYERS, MINILM_HIDDEN, MINILM_FFN = 6, 384, 1536
 SMOLLM2_PARAMS = 134_515_008  # weights read per decoded token (embeddings tied to the head)
@@ -86,11 +86,6 @@ def bandwidth_gbs(megabytes: int = 512) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
-def check(name: str, value: float, op: str, goal: float) -> str:
-    met = value >= goal if op == ">=" else value <= goal
-    return f"| {name} | {value:.2f} | {op} {goal:.2f} | {'met' if met else 'MISSED'} |"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -118,23 +113,13 @@ def main() -> None:
     direct = throughput.direct_in_subprocess(tokens_list, min(args.seconds, 2.0))
     texts = {t: throughput.make_texts(t, 512, seed=t) for t in tokens_list}
     ours = throughput.run_kiapi("kiapi", {}, texts, clients, args.seconds)
-    peers = [throughput.run_infinity(e, texts, clients, args.seconds) for e in ("torch", "optimum")]
+    peers = [
+        throughput.run_infinity(e, texts, clients, args.seconds)
+        for e in throughput.INFINITY_ENGINES
+    ]
     runs = [ours, *peers]
     print("\nEmbeddings, all-MiniLM-L6-v2, one text per request:\n")
-    print("| server | tokens | clients | req/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|")
-    for run in runs:
-        for (tokens, n), r in run.results.items():
-            print(
-                f"| {run.name} | {tokens} | {n} | {r.rps:.1f} | {r.ms(50):.1f} | {r.ms(99):.1f} |"
-            )
-    print("\n| server | start to warm s | RSS warm MiB | RSS after MiB |")
-    print("|---|---|---|---|")
-    for run in runs:
-        print(
-            f"| {run.name} | {run.start_to_warm_s:.1f} | {run.rss_warm_mib:.0f} "
-            f"| {run.rss_after_mib:.0f} |"
-        )
+    print("\n".join(throughput.server_tables(runs)))
     direct_ms = 1000 / direct["12"]["1"]
     print(f"\nkiapi in-process, batch 1, 12 tokens: {direct_ms:.1f} ms per text")
 
@@ -202,7 +187,7 @@ def main() -> None:
         ("start to warm, both bundled models, s", chat["warm_s"], "<=", 5),
     ]
     for row in rows:
-        print(check(*row))
+        print(target_row(*row))
 
 
 if __name__ == "__main__":

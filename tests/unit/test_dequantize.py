@@ -59,14 +59,14 @@ def quantized_layers(bias: bool):
     mx.random.seed(3)
     model = Tiny()
     nn.quantize(model, group_size=32, bits=4)
-    return mx, nn, model
+    return mx, model
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_cpu_layers_compute_with_the_exact_float32_expansion(bias):
     from kiapi.runtime.llm_engine import cpu_modules, dequantize_for_cpu, dequantized_float32
 
-    mx, nn, model = quantized_layers(bias)
+    mx, model = quantized_layers(bias)
     emb, proj = model.embed_tokens, model.proj
     table = dequantized_float32(emb.weight, emb.scales, emb.biases, 32, 4)
     weight = dequantized_float32(proj.weight, proj.scales, proj.biases, 32, 4)
@@ -87,7 +87,7 @@ def test_cpu_layers_compute_with_the_exact_float32_expansion(bias):
 def test_an_untied_embedding_keeps_no_head_copy():
     from kiapi.runtime.llm_engine import dequantize_for_cpu
 
-    _mx, _nn, model = quantized_layers(False)
+    _mx, model = quantized_layers(False)
     model.lm_head = model.proj  # an output head of its own: the table is never a matmul
     dequantize_for_cpu(model)
     assert "head_t" not in model.embed_tokens
