@@ -117,7 +117,7 @@ def start_peer(
 def target_row(name: str, value: float, op: str, goal: float) -> str:
     """One row of a targets table: ``| name | value | op goal | met/MISSED |``."""
     met = value >= goal if op == ">=" else value <= goal
-    return f"| {name} | {value:.2f} | {op} {goal:g} | {'met' if met else 'MISSED'} |"
+    return f"| {name} | {value:.2f} | {op} {goal:.2f} | {'met' if met else 'MISSED'} |"
 
 
 def stop_server(server: subprocess.Popen) -> None:

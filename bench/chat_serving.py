@@ -330,7 +330,7 @@ def mixed_table(m: Mixed) -> list[str]:
 def measure_in_subprocess(server: str, new_tokens: int, seconds: float, longs: list[str]):
     """One server's measurements in a fresh child process, so that no load generator state
     carries from one server to the next. (llama-cpp-python's single-stream figure still
-    ranged 18-77 tokens/s within one run here; likely, not verified: its two spin-waiting
+    ranged 14-77 tokens/s over three runs here; likely, not verified: its two spin-waiting
     threads share the two vCPUs with its HTTP thread and this client. Hence the range in the
     table.)"""
     done = subprocess.run(
