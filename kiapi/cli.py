@@ -96,6 +96,10 @@ def _models(args: argparse.Namespace) -> int:
     from kiapi.models_cli import main as models
 
     logging.basicConfig(level=logging.ERROR)
+    if args.action == "add":
+        from kiapi.models_cli import add_main
+
+        return add_main(args.source, name=args.name, capability=args.capability, aliases=args.alias)
     return models(args.action, getattr(args, "names", []), args.url or default_url())
 
 
@@ -181,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
             "else the last `kiapi serve` started on this machine, else $KIAPI_HOST:$KIAPI_PORT)",
         )
         cmd.set_defaults(func=_models)
+    add = msub.add_parser(
+        "add",
+        help="inspect a model folder (or .gguf file, or a Hugging Face repo in the local cache) "
+        "and add it to the catalog file ($KIAPI_MODELS_FILE, default ~/.config/kiapi/models.toml)",
+    )
+    add.add_argument("source", metavar="PATH_OR_REPO", help="a folder, a .gguf file or a repo id")
+    add.add_argument("--name", help="the model's name (default: from the folder or repo)")
+    add.add_argument("--capability", choices=["embedding", "chat"], help="default: detected")
+    add.add_argument("--alias", action="append", default=[], help="another name (repeatable)")
+    add.set_defaults(func=_models)
 
     handlers = sub.add_parser("handlers", help="compare handlers with the specs")
     hsub = handlers.add_subparsers(dest="action", required=True)

@@ -31,6 +31,10 @@ def default_files_root() -> Path:
     return platformdirs.user_data_path("kiapi") / "files"
 
 
+def default_models_file() -> Path:
+    return platformdirs.user_config_path("kiapi") / "models.toml"
+
+
 def _split_list(value: Any, separator: str) -> Any:
     """A list setting from the environment: JSON (``[...]``) or ``separator``-separated."""
     if not isinstance(value, str):
@@ -138,6 +142,12 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Explicit model folders, JSON: {"qwen3-embedding-8b": "/models/q8b"} '
         "(keys: name, alias or repo).",
+    )
+    models_file: Path = Field(
+        default_factory=default_models_file,
+        description="The user's model catalog (TOML, one [[models]] table per model; read at "
+        "start-up if it exists; `kiapi models add` writes it). Default: "
+        "~/.config/kiapi/models.toml.",
     )
     embedding_default_model: str | None = Field(
         None, description="Default embedding model (default: the contract's qwen3-embedding-8b)."

@@ -62,7 +62,7 @@ def checks(settings: Settings) -> list[Check]:
         _files_root(settings),
         Check("memory budget", True, f"{settings.memory_limit_gb:.2f} GB (KIAPI_MEMORY_LIMIT_GB)"),
     ]
-    registry = default_registry(settings.model_paths)
+    registry = default_registry(settings.model_paths, settings.models_file)
     for cap in CAPABILITIES:
         found.extend(_models(registry, cap.family, getattr(settings, cap.default_setting)))
     return found

@@ -15,6 +15,7 @@ weights inside Python packages are refused with how to remove them instead.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ class CommandError(Exception):
 
 
 def registry_for(settings: Settings) -> Registry:
-    return default_registry(settings.model_paths)
+    return default_registry(settings.model_paths, settings.models_file)
 
 
 def find(registry: Registry, name: str) -> ModelSpec:
@@ -96,7 +97,8 @@ def list_models(settings: Settings, url: str, out: TextIO) -> int:
                 "yes" if folder else "no",
                 f"{folder_size_gb(folder):.2f} GB" if folder else "-",
                 "?" if resident is None else ("yes" if spec.name in resident else "no"),
-                origin(spec, folder) if folder else spec.repo,
+                (origin(spec, folder) if folder else spec.repo)
+                + ("" if spec.origin == "built-in" else f" ({spec.origin})"),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -105,6 +107,8 @@ def list_models(settings: Settings, url: str, out: TextIO) -> int:
         out.write("\n")
     if resident is None:
         out.write(f"(no kiapi server answered at {url}: RESIDENT unknown; see --url)\n")
+    for problem in registry.problems:
+        out.write(f"skipped: {problem}\n")
     return 0
 
 
@@ -190,6 +194,92 @@ def remove(settings: Settings, name: str, out: TextIO) -> int:
         shutil.rmtree(repo.repo_path, ignore_errors=True)
     out.write(f"removed {spec.name} ({spec.source.repo}): {strategy.expected_freed_size_str}\n")
     return 0
+
+
+def default_name(source: str) -> str:
+    """A catalog name from a folder, file or repo name: lower-case, other characters -> '-'."""
+    stem = Path(source.rstrip("/")).name
+    stem = stem[: -len(".gguf")] if stem.endswith(".gguf") else stem
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:64] or "model"
+
+
+def add(
+    settings: Settings,
+    source: str,
+    out: TextIO,
+    *,
+    name: str | None = None,
+    capability: str | None = None,
+    aliases: Sequence[str] = (),
+) -> int:
+    """Inspect ``source`` and append a valid entry to the catalog file; the entry is checked
+    by the same code the server runs at start-up before anything is written."""
+    from kiapi.runtime.catalog_file import Where, entry_spec, render_entry
+    from kiapi.runtime.detect import UnsupportedModel, inspect_model
+    from kiapi.runtime.weights import hf_cache_folder
+
+    path = Path(source).expanduser()
+    fields: dict = {"name": name or default_name(source)}
+    if path.exists():
+        folder = path.resolve()
+        fields["path"] = str(folder)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        folder = hf_cache_folder(source)
+        if folder is None:
+            raise CommandError(
+                f"{source} is not in the local Hugging Face cache; run `hf download {source}` "
+                "(or copy a cache that holds it), or give the folder's path"
+            )
+        fields["repo"] = source
+    else:
+        raise CommandError(f"{source}: no such folder or file, and not a repo id (owner/name)")
+    try:
+        detected = inspect_model(folder, capability)
+    except UnsupportedModel as exc:
+        raise CommandError(str(exc)) from None
+    fields["capability"] = detected.capability
+    if aliases:
+        fields["aliases"] = list(aliases)
+    registry = registry_for(settings)
+    taken = registry.find(fields["name"])
+    if taken is not None:
+        raise CommandError(
+            f"the name {fields['name']!r} is taken by {taken.name} ({taken.origin}); "
+            "choose another with --name"
+        )
+    catalog = Path(settings.models_file).expanduser()
+    entry_spec(fields, Where(catalog, {}), base=catalog.parent)  # raises what the server would
+    text = render_entry(fields)
+    catalog.parent.mkdir(parents=True, exist_ok=True)
+    existing = catalog.read_text(encoding="utf-8") if catalog.exists() else ""
+    separator = "\n" if existing and not existing.endswith("\n\n") else ""
+    if existing and not existing.endswith("\n"):
+        separator = "\n\n"
+    tmp = catalog.with_name(catalog.name + ".tmp")
+    tmp.write_text(existing + separator + text, encoding="utf-8")
+    os.replace(tmp, catalog)  # atomic: a crash leaves the old file or the new one
+    summary = f"{detected.architecture}, {detected.capability}"
+    if detected.pooling:
+        summary += f", {detected.pooling} pooling" + (
+            "" if detected.normalize else ", not normalized"
+        )
+    if detected.prompts:
+        summary += f", prompts: {', '.join(detected.prompts)}"
+    out.write(f"added {fields['name']} ({summary}) to {catalog}\n")
+    out.write("restart the server to serve it\n")
+    return 0
+
+
+def add_main(
+    source: str, *, name: str | None, capability: str | None, aliases: Sequence[str]
+) -> int:
+    try:
+        return add(
+            Settings(), source, sys.stdout, name=name, capability=capability, aliases=aliases
+        )
+    except (CommandError, ValueError) as exc:
+        print(f"kiapi models add: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(action: str, names: Sequence[str], url: str, out: TextIO | None = None) -> int:

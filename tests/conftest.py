@@ -38,6 +38,19 @@ def tiny_qwen3_vl(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def no_user_catalog(tmp_path_factory):
+    """Tests never read the developer's ~/.config/kiapi/models.toml: KIAPI_MODELS_FILE names a
+    file that does not exist unless a test writes it (servers started as subprocesses too)."""
+    saved = os.environ.get("KIAPI_MODELS_FILE")
+    os.environ["KIAPI_MODELS_FILE"] = str(tmp_path_factory.mktemp("catalog") / "models.toml")
+    yield
+    if saved is None:
+        os.environ.pop("KIAPI_MODELS_FILE", None)
+    else:
+        os.environ["KIAPI_MODELS_FILE"] = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
 def empty_hf_cache(tmp_path_factory):
     """Tests see an empty Hugging Face cache, whatever this machine has downloaded: which
     models are set up must not depend on the developer's ~/.cache."""

@@ -20,7 +20,7 @@ async def embedding_v1_embedding_post():
     image = None
     if request.image is not None:  # fetching and decoding an image is blocking I/O
         image = await run_in_threadpool(rt.images.load, request.image)
-    item = EmbeddingItem(text=request.text, image=image)
+    item = EmbeddingItem(text=request.text, image=image, truncate=request.truncate)
     (done,) = await rt.run_sync(
         EMBEDDING,
         [(request.params(), embedding_job(rt.memory, request.spec, item, received))],

@@ -22,7 +22,14 @@ async def create_embeddings_v1_embeddings_post():
     jobs = [
         (
             {"model": request.spec.name, "text": text},
-            embedding_job(rt.memory, request.spec, EmbeddingItem(text=text), received),
+            embedding_job(
+                rt.memory,
+                request.spec,
+                EmbeddingItem(
+                    text=text, truncate=request.truncate, normalize=request.spec.normalize
+                ),
+                received,
+            ),
         )
         for text in request.texts
     ]

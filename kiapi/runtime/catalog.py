@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiapi.runtime.catalog_file import read_catalog_file
 from kiapi.runtime.registry import ModelSpec, Registry
 from kiapi.runtime.weights import WeightSource
 
@@ -105,6 +106,7 @@ def embedding_models() -> list[ModelSpec]:
             engine="mlx-embeddings",
             source=WeightSource("mlx-community/Qwen3-Embedding-8B-mxfp8", requires=TEXT_ENGINE),
             pooling="last",
+            instruction_template="Instruct: {instruction}\nQuery:{text}",  # its model card's
             dimensions_min=32,  # trained with Matryoshka learning: 32..4096
             dimensions_max=4096,
         ),
@@ -166,5 +168,27 @@ def with_model_paths(specs: list[ModelSpec], model_paths: Mapping[str, Path]) ->
     ]
 
 
-def default_registry(model_paths: Mapping[str, Path] | None = None) -> Registry:
-    return Registry(with_model_paths([*embedding_models(), *chat_models()], model_paths or {}))
+def default_registry(
+    model_paths: Mapping[str, Path] | None = None, models_file: Path | None = None
+) -> Registry:
+    """The built-in entries (with ``KIAPI_MODEL_PATHS``), then the valid entries of the user's
+    catalog file (``KIAPI_MODELS_FILE``; :mod:`kiapi.runtime.catalog_file`), if it exists.
+    Refused entries — invalid, or a name already taken — are in ``registry.problems``; they
+    never stop the other models from serving. A user entry marked ``default`` becomes its
+    capability's default."""
+    specs = with_model_paths([*embedding_models(), *chat_models()], model_paths or {})
+    problems: list[str] = []
+    user: list[ModelSpec] = []
+    if models_file is not None and Path(models_file).expanduser().exists():
+        found = read_catalog_file(Path(models_file).expanduser())
+        user, problems = found.specs, list(found.problems)
+    claimed = {s.family for s in user if s.default}
+    specs = [dataclasses.replace(s, default=False) if s.family in claimed else s for s in specs]
+    registry = Registry(specs)
+    for spec in user:
+        try:
+            registry.register(spec)
+        except ValueError as exc:
+            problems.append(f"{spec.origin}: {exc}; entry skipped")
+    registry.problems = problems
+    return registry

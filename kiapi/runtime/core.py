@@ -64,7 +64,7 @@ class Runtime:
         warmup: list[ModelSpec] | None = None,
     ) -> None:
         self.settings = settings
-        self.registry = registry or default_registry(settings.model_paths)
+        self.registry = registry or default_registry(settings.model_paths, settings.models_file)
         self._default_notes = [
             note
             for cap in CAPABILITIES
@@ -155,6 +155,8 @@ class Runtime:
         blas.activate(self.settings.blas)
         for note in self._default_notes:
             log.warning(note)
+        for problem in self.registry.problems:
+            log.warning("model catalog: %s", problem)
         for cap in CAPABILITIES:
             if (default := self.registry.default(cap.family)) is not None:
                 log.info("default %s model: %s", cap.family, default.name)

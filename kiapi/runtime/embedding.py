@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from kiapi.runtime.catalog import EMBEDDING
-from kiapi.runtime.errors import BadRequest
+from kiapi.runtime.errors import BadRequest, excerpt
 from kiapi.runtime.memory import MemoryManager
 from kiapi.runtime.registry import ModelSpec, Registry
 from kiapi.runtime.worker import Batchable, JobOutput
@@ -33,23 +33,70 @@ MODALITIES = ("text", "image")
 
 @dataclass(frozen=True)
 class EmbeddingRequest:
-    """A checked request: the resolved model and the inputs as the client sent them."""
+    """A checked request: the resolved model, the inputs (the text with its prompt or
+    instruction applied) and whether a too-long text may be truncated."""
 
     spec: ModelSpec
     text: str | None = None
     image: str | None = None
+    truncate: bool = True
 
     def params(self) -> dict[str, Any]:
         """What the job record keeps (the job store redacts inline image data)."""
         return {"model": self.spec.name, "text": self.text, "image": self.image}
 
 
+def with_prompt(spec: ModelSpec, text: str, body: dict[str, Any]) -> str:
+    """``text`` as the model should see it: after the named prompt (``prompt_name``, else the
+    model's default prompt), or inside its instruction template (``instruction``). Raises
+    BadRequest for a prompt the model does not have, or an instruction it cannot take."""
+    prompt_name, instruction = body.get("prompt_name"), body.get("instruction")
+    if prompt_name is not None and instruction is not None:
+        raise BadRequest(
+            "send either 'prompt_name' or 'instruction', not both", param="prompt_name"
+        )
+    if instruction is not None:
+        if spec.instruction_template is None:
+            raise BadRequest(
+                f"model {spec.name!r} takes no instruction"
+                + (
+                    f"; its named prompts: {', '.join(n for n, _ in spec.prompts)}"
+                    if spec.prompts
+                    else ""
+                ),
+                param="instruction",
+            )
+        template = spec.instruction_template
+        head, _, tail = template.partition("{text}")
+        return (
+            head.replace("{instruction}", instruction)
+            + text
+            + tail.replace("{instruction}", instruction)
+        )
+    name = prompt_name if prompt_name is not None else spec.default_prompt
+    if name is None:
+        return text
+    prompt = spec.prompt(name)
+    if prompt is None:
+        names = ", ".join(n for n, _ in spec.prompts) or "none"
+        raise BadRequest(
+            f"model {spec.name!r} has no prompt named {excerpt(name)} (its prompts: {names})",
+            param="prompt_name",
+        )
+    return prompt + text
+
+
 @dataclass(frozen=True)
 class EmbeddingItem:
-    """One item ready for a model: text and/or a decoded RGB image."""
+    """One item ready for a model: text (its prompt or instruction already applied) and/or a
+    decoded RGB image. ``truncate`` False: a text over the model's limit is refused (400)
+    rather than cut; ``normalize`` False: the pooled vector is returned as the model's
+    pipeline makes it (a model without a Normalize module), not scaled to unit length."""
 
     text: str | None = None
     image: Image | None = None
+    truncate: bool = True
+    normalize: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,14 +112,15 @@ class EmbeddingVector:
 
 
 class EmbeddingModel(Protocol):
-    def embed(self, items: Sequence[EmbeddingItem]) -> list[EmbeddingVector]: ...
+    def embed(self, items: Sequence[EmbeddingItem]) -> list[EmbeddingVector | Exception]: ...
 
 
 def parse_request(registry: Registry, body: dict[str, Any]) -> EmbeddingRequest:
     """Resolve the model and check the inputs; raises BadRequest (400) with the reason.
 
-    Fields other than ``model``, ``text`` and ``image`` are accepted and ignored (the contract's
-    schema allows them).
+    kiapi's extension fields (specs/additions/embedding.json): ``truncate``, ``prompt_name``
+    and ``instruction``. Other fields are accepted and ignored (the contract's schema allows
+    them).
     """
     spec = registry.resolve(EMBEDDING, body.get("model"))
     given = {m: body.get(m) for m in MODALITIES if body.get(m) not in (None, "")}
@@ -88,7 +136,11 @@ def parse_request(registry: Registry, body: dict[str, Any]) -> EmbeddingRequest:
             f"(it accepts: {', '.join(spec.features)}); "
             "choose a multimodal model from GET /v1/embedding/models"
         )
-    return EmbeddingRequest(spec, **given)
+    if "text" in given:
+        given["text"] = with_prompt(spec, given["text"], body)
+    elif body.get("prompt_name") is not None or body.get("instruction") is not None:
+        raise BadRequest("'prompt_name' and 'instruction' apply to 'text' input only")
+    return EmbeddingRequest(spec, **given, truncate=body.get("truncate", True) is not False)
 
 
 def l2_normalize(vector: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -143,11 +195,11 @@ def run_embedding_batch(
             vectors = [_embed_alone(model, item) for item in items]
     finished = time.perf_counter()
     outcomes: list[JobOutput | Exception] = []
-    for (_, received), out in zip(members, vectors, strict=True):
+    for (item, received), out in zip(members, vectors, strict=True):
         if isinstance(out, Exception):
             outcomes.append(out)
             continue
-        vector = l2_normalize(out.vector)
+        vector = l2_normalize(out.vector) if item.normalize else np.asarray(out.vector, np.float32)
         outcomes.append(
             JobOutput(
                 result={

@@ -29,12 +29,14 @@ import numpy as np
 
 from kiapi.runtime import blas, heap, pinned
 from kiapi.runtime.embedding import EmbeddingItem, EmbeddingVector
+from kiapi.runtime.errors import BadRequest
 from kiapi.runtime.jobs import report_progress
 from kiapi.runtime.mlx_import import import_mlx
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json, weight_files
 
-MEAN, LAST = "mean", "last"
+MEAN, LAST, MAX, CLS = "mean", "last", "max", "cls"
+POOLINGS = (MEAN, LAST, MAX, CLS)
 GIB = 1024**3
 
 
@@ -137,20 +139,24 @@ class _Embedder:
 class TextEmbedder(_Embedder):
     """A text embedding model: ``tokenizers`` + an mlx-embeddings architecture + pooling.
 
-    Inputs are truncated to ``max_tokens``; a batch is right-padded and masked. Pooling is
-    ``mean`` over the unmasked tokens (sentence-transformers' mean pooling) or ``last``: the
-    last unmasked token, which for last-token models must be the end-of-text token (appended
-    if the tokenizer does not add it, as the Qwen3-Embedding paper and tokenizer do).
+    Inputs are truncated to ``max_tokens`` unless an item asks not to be (then a longer
+    input is that item's 400); a batch is right-padded and masked. Pooling, as
+    sentence-transformers computes it: ``mean`` over the unmasked tokens, ``max`` over them,
+    ``cls`` (the first token) or ``last``: the last unmasked token, which for last-token
+    models must be the end-of-text token (appended if the tokenizer does not add it, as the
+    Qwen3-Embedding paper and tokenizer do). Vectors come back as pooled; the job normalizes.
     """
 
     def __init__(self, model, tokenizer, *, pooling: str, max_tokens: int, eos_id: int | None):
-        if pooling not in (MEAN, LAST):
-            raise ValueError(f"unknown pooling {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; one of {', '.join(POOLINGS)}")
         super().__init__(model)
         self.tokenizer = tokenizer
+        self.counter = None  # an untruncated copy of the tokenizer, made on first need
         self.pooling = pooling
         self.max_tokens = max_tokens
         self.eos_id = eos_id if pooling == LAST else None
+        self.kind = type(model).__module__.rsplit(".", 1)[-1]
         self.fast = FastBert(model) if fast_bert_applies(model) else None
         if self.fast is not None:
             self.weight_gb += self.fast.extra_bytes() / GIB  # its fused QKV weights
@@ -160,10 +166,13 @@ class TextEmbedder(_Embedder):
         super().unload()
 
     @classmethod
-    def load(cls, folder: Path, config: dict[str, Any], *, pooling: str) -> TextEmbedder:
+    def load(
+        cls, folder: Path, config: dict[str, Any], *, pooling: str, max_tokens: int | None = None
+    ) -> TextEmbedder:
         from tokenizers import Tokenizer
 
-        max_tokens = max_tokens_of(folder, config)
+        limit = max_tokens_of(folder, config)
+        max_tokens = min(max_tokens, limit) if max_tokens else limit
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tokenizer.no_padding()  # some shipped tokenizer.json files pad everything to 128
         tokenizer.enable_truncation(max_tokens)
@@ -187,12 +196,45 @@ class TextEmbedder(_Embedder):
             ]
         return batch
 
-    def embed(self, items: Sequence[EmbeddingItem]) -> list[EmbeddingVector]:
-        """Vectors in input order. Items are sorted by token count and run in length groups
+    def too_long(self, item: EmbeddingItem) -> BadRequest | None:
+        """For an item sent with ``truncate: false``: the 400 if its tokens (with the
+        end-of-text token a last-token model appends) exceed ``max_tokens``. A text longer
+        than :meth:`token_ids`' prefix is counted whole only if its prefix fits: otherwise
+        the prefix's count is a lower bound, and the answer is a refusal either way."""
+        if item.truncate or not item.text:
+            return None
+        from tokenizers import Tokenizer
+
+        if self.counter is None:
+            self.counter = Tokenizer.from_str(self.tokenizer.to_str())
+            self.counter.no_truncation()
+        prefix = self.max_tokens * PREFIX_CHARS_PER_TOKEN
+        ids = self.counter.encode(item.text[:prefix]).ids
+        exact = len(item.text) <= prefix
+        if not exact and len(ids) <= self.max_tokens:
+            ids, exact = self.counter.encode(item.text).ids, True
+        count = len(ids) + int(self.eos_id is not None and (not ids or ids[-1] != self.eos_id))
+        if count <= self.max_tokens:
+            return None
+        return BadRequest(
+            f"the input has {count if exact else f'at least {count}'} tokens but the model's "
+            f"limit is {self.max_tokens}; shorten it, or send truncate: true to embed its first "
+            f"{self.max_tokens} tokens",
+            param="truncate",
+        )
+
+    def embed(self, items: Sequence[EmbeddingItem]) -> list[EmbeddingVector | Exception]:
+        """Vectors in input order; an item sent with ``truncate: false`` that is too long
+        gets its 400 in its place. Items are sorted by token count and run in length groups
         (:func:`length_groups`), so a short text never pays for a long one's padding."""
-        batch = self.token_ids([item.text or "" for item in items])
-        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
-        vectors: list[EmbeddingVector | None] = [None] * len(batch)
+        refused = [self.too_long(item) for item in items]
+        vectors: list[EmbeddingVector | Exception | None] = list(refused)
+        kept = [i for i, error in enumerate(refused) if error is None]
+        texts = self.token_ids([items[i].text or "" for i in kept])
+        batch: list[list[int]] = [[] for _ in items]
+        for index, ids in zip(kept, texts, strict=True):
+            batch[index] = ids
+        order = sorted(kept, key=lambda i: len(batch[i]))
         padded = 0
         for group in length_groups([len(batch[i]) for i in order]):
             members = [order[i] for i in group]
@@ -204,7 +246,7 @@ class TextEmbedder(_Embedder):
         return vectors  # type: ignore[return-value]
 
     def _embed_group(self, batch: list[list[int]]) -> np.ndarray:
-        """One forward pass over right-padded token ids; unit vectors, one row per input."""
+        """One forward pass over right-padded token ids; pooled vectors, one row per input."""
         mx = import_mlx()
         width = max(len(ids) for ids in batch)
         ids = np.zeros((len(batch), width), dtype=np.int32)
@@ -214,19 +256,25 @@ class TextEmbedder(_Embedder):
             mask[row, : len(tokens)] = 1
         input_ids, attention_mask = mx.array(ids), mx.array(mask)
         hidden = self.encode(input_ids, attention_mask).astype(mx.float32)
+        weights = attention_mask[..., None].astype(mx.float32)
         if self.pooling == MEAN:
-            weights = attention_mask[..., None].astype(mx.float32)
             pooled = (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1e-9)
+        elif self.pooling == MAX:  # padding set to -1e9 first, as sentence-transformers does
+            pooled = mx.where(weights > 0, hidden, -1e9).max(axis=1)
+        elif self.pooling == CLS:
+            pooled = hidden[:, 0]
         else:
             pooled = hidden[mx.arange(len(batch)), attention_mask.sum(axis=1) - 1]
-        vectors = pooled / mx.maximum(mx.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-        return np.array(vectors)
+        return np.array(pooled)
 
     def encode(self, input_ids, attention_mask):
         """Last hidden states (batch, tokens, hidden): the fast CPU encoder when the model has
         one (:class:`FastBert`), else the architecture's own forward pass."""
         if self.fast is not None:
             return self.fast(input_ids, attention_mask)
+        if self.kind == "modernbert":  # its Model pools; its encoder gives the hidden states
+            out = self.model.model(input_ids, attention_mask=attention_mask, return_dict=True)
+            return out["last_hidden_state"]
         return self.model(input_ids, attention_mask=attention_mask).last_hidden_state
 
 
@@ -498,7 +546,9 @@ def load_embedding_model(spec: ModelSpec) -> LoadedModel:
     if "vision_config" in config:
         embedder: TextEmbedder | VisionLanguageEmbedder = VisionLanguageEmbedder.load(folder)
     else:
-        embedder = TextEmbedder.load(folder, config, pooling=spec.pooling or MEAN)
+        embedder = TextEmbedder.load(
+            folder, config, pooling=spec.pooling or MEAN, max_tokens=spec.max_tokens
+        )
     # Forward passes before the model counts as loaded: MLX compiles some kernels (GELU) with
     # g++ on first use, ~0.9 s on a machine with no cache yet, which no request should pay.
     # One item, then two (a batch takes FastBert's two-stream path).

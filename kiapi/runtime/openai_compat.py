@@ -1,7 +1,10 @@
 """OpenAI-compatible embeddings, HTTP-free: request checks and the response envelope.
 
 ``POST /v1/embeddings`` takes OpenAI's shape (``input`` as a string or a list of strings,
-``encoding_format``, ``dimensions``). Each input becomes an ordinary ``embedding`` job
+``encoding_format``, ``dimensions``) and kiapi's extensions (``truncate``, ``prompt_name``,
+``instruction``). Vectors are unit length unless the model's sentence-transformers pipeline
+has no Normalize module (then they are as sentence-transformers' ``encode`` returns them).
+Each input becomes an ordinary ``embedding`` job
 (:func:`kiapi.runtime.embedding.embedding_job`), so it shares the queue, the memory budget
 and the batching of ``/v1/embedding`` and yields the same vector; this module only checks the
 request and shapes the answer.
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from kiapi.runtime.catalog import EMBEDDING
-from kiapi.runtime.embedding import l2_normalize
+from kiapi.runtime.embedding import l2_normalize, with_prompt
 from kiapi.runtime.errors import BadRequest
 from kiapi.runtime.registry import ModelSpec, Registry
 from kiapi.runtime.worker import JobOutput
@@ -35,6 +38,7 @@ class OpenAIEmbeddingRequest:
     texts: tuple[str, ...]
     encoding_format: str = FLOAT
     dimensions: int | None = None
+    truncate: bool = True
 
 
 def parse_openai_request(registry: Registry, body: dict[str, Any]) -> OpenAIEmbeddingRequest:
@@ -60,8 +64,13 @@ def parse_openai_request(registry: Registry, body: dict[str, Any]) -> OpenAIEmbe
     if dimensions is not None:
         dimensions = int(dimensions)  # JSON Schema 2020-12: 64.0 is the integer 64
         check_dimensions(spec, dimensions)
+    texts = [with_prompt(spec, text, body) for text in texts]
     return OpenAIEmbeddingRequest(
-        spec, tuple(texts), body.get("encoding_format") or FLOAT, dimensions
+        spec,
+        tuple(texts),
+        body.get("encoding_format") or FLOAT,
+        dimensions,
+        truncate=body.get("truncate", True) is not False,
     )
 
 
@@ -109,7 +118,8 @@ def embeddings_response(
                     f"vectors of {len(vector)}",
                     param="dimensions",
                 )
-            vector = l2_normalize(vector[: request.dimensions])
+            vector = vector[: request.dimensions]
+            vector = l2_normalize(vector) if request.spec.normalize else vector
         data.append(
             {
                 "object": "embedding",

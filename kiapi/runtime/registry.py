@@ -51,6 +51,16 @@ class ModelSpec:
     pooling: str | None = None  # embedding models: "mean" or "last" (token)
     dimensions_min: int | None = None  # smallest truncation (Matryoshka); None: cannot truncate
     dimensions_max: int | None = None  # the model's vector length, when the catalog knows it
+    normalize: bool = True  # embedding models: its pipeline ends in an L2 Normalize module
+    max_tokens: int | None = None  # embedding models: longest input; None: from its files
+    prompts: tuple[tuple[str, str], ...] = ()  # embedding models: named prompts (prefixes)
+    default_prompt: str | None = None  # the prompt applied when a request names none
+    instruction_template: str | None = None  # with {instruction} and {text} (Qwen3-Embedding)
+    origin: str = "built-in"  # where the entry comes from: built-in, or file:line
+
+    def prompt(self, name: str) -> str | None:
+        """The text of the named prompt, or None if the model has no such prompt."""
+        return dict(self.prompts).get(name)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -109,6 +119,7 @@ class Registry:
     def __init__(self, specs: list[ModelSpec] | None = None) -> None:
         self._specs: list[ModelSpec] = []
         self._defaults: dict[str, ModelSpec] = {}
+        self.problems: list[str] = []  # catalog entries refused when it was built
         for spec in specs or []:
             self.register(spec)
 
