@@ -155,6 +155,15 @@ class Settings(BaseSettings):
     chat_default_model: str | None = Field(
         None, description="Default chat model (default: smollm2-135m-instruct, bundled)."
     )
+    rerank_default_model: str | None = Field(
+        None, description="Default rerank model (default: the first in the catalog file)."
+    )
+    rerank_max_documents: PositiveInt = Field(
+        1000, description="Most documents one rerank request may hold; more -> 413."
+    )
+    rerank_max_chars: PositiveInt = Field(
+        100_000, description="Longest query or document of a rerank request, in characters."
+    )
     warmup: str | None = Field(
         None,
         description="Models loaded at start-up, comma-separated; 'none' for none "

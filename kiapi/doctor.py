@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from kiapi.config import Settings, physical_memory_gb
 from kiapi.runtime import blas
@@ -63,6 +64,15 @@ def checks(settings: Settings) -> list[Check]:
         Check("memory budget", True, f"{settings.memory_limit_gb:.2f} GB (KIAPI_MEMORY_LIMIT_GB)"),
     ]
     registry = default_registry(settings.model_paths, settings.models_file)
+    found.append(
+        Check(
+            "model catalog",
+            not registry.problems,
+            f"{settings.models_file}"
+            + ("" if Path(settings.models_file).expanduser().exists() else " (none)")
+            + "".join(f"; skipped: {p}" for p in registry.problems),
+        )
+    )
     for cap in CAPABILITIES:
         found.extend(_models(registry, cap.family, getattr(settings, cap.default_setting)))
     return found
@@ -72,6 +82,9 @@ def _models(registry, family: str, preferred: str | None) -> list[Check]:
     """A line per model of ``family`` (set up or how to), then its default."""
     note = registry.choose_default(family, preferred)
     default = registry.default(family)
+    if default is None:  # a capability with no built-in model (rerank): optional
+        return [Check(f"{family} default", None, f"no {family} model in the catalog (optional; "
+                      "add one with `kiapi models add PATH`)")]  # fmt: skip
     found, usable = [], 0
     for spec in registry.models(family):
         marker = " [default]" if spec is default else ""

@@ -54,6 +54,7 @@ SPEC_SOURCES: tuple[SpecSource, ...] = (
     SpecSource("common", ""),
     SpecSource("embedding", "/v1/embedding"),
     SpecSource("chat", "/v1/chat", error_style="openai"),
+    SpecSource("rerank", "/v1/rerank"),
     SpecSource("openai", "/openai", error_style="openai"),
 )
 SOURCES_BY_NAME = {source.name: source for source in SPEC_SOURCES}

@@ -18,6 +18,7 @@ from kiapi.runtime.weights import WeightSource
 
 EMBEDDING = "embedding"
 CHAT = "chat"
+RERANK = "rerank"
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Capability:
 CAPABILITIES = (
     Capability(EMBEDDING, "embedding_default_model"),
     Capability(CHAT, "chat_default_model"),
+    Capability(RERANK, "rerank_default_model"),
 )
 
 TEXT_ENGINE = ("mlx", "mlx_embeddings", "tokenizers")

@@ -6,7 +6,7 @@ Schema — one ``[[models]]`` table per model::
     name = "bge-small"                 # required: [a-z0-9][a-z0-9._-]*, unique per capability
     path = "/models/bge-small-en-v1.5" # a local folder (or a .gguf file) ...
     # repo = "BAAI/bge-small-en-v1.5"  # ... or a Hugging Face repo id in the local cache
-    capability = "embedding"           # embedding | chat (default: detected from the files)
+    capability = "embedding"           # embedding | chat | rerank (default: detected)
     aliases = ["bge"]
     default = false                    # make it its capability's default model
     pooling = "cls"                    # cls | mean | max | last (default: modules.json)
@@ -38,13 +38,15 @@ from kiapi.runtime.detect import POOLING_MODES, Detected, UnsupportedModel, insp
 from kiapi.runtime.registry import ModelSpec
 from kiapi.runtime.weights import WeightSource, hf_cache_folder
 
-CAPABILITY_NAMES = ("embedding", "chat")
+CAPABILITY_NAMES = ("embedding", "chat", "rerank")
 FIELD_LINE = re.compile(r"^(?:\[\s*models\.(\w+)\s*\]|([A-Za-z_][\w-]*)\s*=)")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ENGINE_REQUIRES = {
     "mlx-embeddings": ("mlx", "mlx_embeddings", "tokenizers"),
     "mlx-lm": ("mlx", "mlx_lm", "tokenizers", "jinja2"),
+    "mlx-cross-encoder": ("mlx", "mlx_embeddings", "tokenizers"),
 }
+DEFAULT_ENGINES = {"embedding": "mlx-embeddings", "chat": "mlx-lm", "rerank": "mlx-cross-encoder"}
 FIELDS: dict[str, tuple[type, ...]] = {
     "name": (str,),
     "path": (str,),

@@ -23,6 +23,7 @@ from pathlib import Path
 from kiapi.runtime.weights import has_weights, read_json
 
 EMBEDDING_TYPES = ("bert", "xlm-roberta", "modernbert", "qwen3")  # mlx-embeddings' encoders
+RERANK_TYPES = ("bert", "xlm-roberta")  # cross-encoders (kiapi.runtime.rerank_engine)
 POOLING_MODES = ("cls", "mean", "max", "last")
 ST_POOLING_KEYS = {  # sentence-transformers Pooling config -> kiapi pooling
     "pooling_mode_cls_token": "cls",
@@ -116,9 +117,16 @@ def inspect_model(path: Path, capability: str | None = None) -> Detected:
                 "engine in kiapi (mlx-lm's model types)"
             )
         return Detected("chat", "mlx-lm", architecture, path)
+    if capability == "rerank":
+        if not architecture.endswith("ForSequenceClassification") or model_type not in RERANK_TYPES:
+            raise UnsupportedModel(
+                f"{path}: architecture {architecture} is not a cross-encoder kiapi runs; "
+                f"supported: {', '.join(RERANK_TYPES)} *ForSequenceClassification"
+            )
+        return Detected("rerank", "mlx-cross-encoder", architecture, path)
     raise UnsupportedModel(
-        f"{path}: capability {capability!r} is not served by this kiapi (embedding, chat); "
-        f"the folder holds {architecture}"
+        f"{path}: capability {capability!r} is not served by this kiapi (embedding, chat, "
+        f"rerank); the folder holds {architecture}"
     )
 
 

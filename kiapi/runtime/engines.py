@@ -16,6 +16,7 @@ from kiapi.runtime.registry import LoadedModel, ModelSpec
 ENGINES: dict[str, str] = {
     "mlx-embeddings": "kiapi.runtime.mlx_engine:load_embedding_model",  # BERT, Qwen3, Qwen3-VL
     "mlx-lm": "kiapi.runtime.llm_engine:load_chat_model",  # GGUF llama, HF-layout decoders
+    "mlx-cross-encoder": "kiapi.runtime.rerank_engine:load_reranker",  # BERT, XLM-R rerankers
 }
 
 

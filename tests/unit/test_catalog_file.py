@@ -146,13 +146,16 @@ def test_models_add_writes_an_entry_the_server_reads(tmp_path):
     assert add(settings, str(TINY / "modernbert-embedding"), out, name="mb") == 0
     with pytest.raises(CommandError, match="taken by bert-embedding"):
         add(settings, str(TINY / "bert-embedding"), out)
-    with pytest.raises(CommandError, match="capability 'rerank' is not served"):
-        add(settings, str(TINY / "bert-reranker"), out)
+    assert add(settings, str(TINY / "bert-reranker"), out) == 0
+    assert "BertForSequenceClassification, rerank" in out.getvalue()
+    with pytest.raises(CommandError, match="not a cross-encoder kiapi runs"):
+        add(settings, str(TINY / "bert-embedding"), out, name="x", capability="rerank")
     with pytest.raises(CommandError, match="not in the local Hugging Face cache"):
         add(settings, "someone/some-model", out)
     found = read_catalog_file(catalog)
     assert found.problems == []
-    assert [s.name for s in found.specs] == ["bert-embedding", "mb"]
+    assert [s.name for s in found.specs] == ["bert-embedding", "mb", "bert-reranker"]
+    assert found.specs[2].family == "rerank" and found.specs[2].engine == "mlx-cross-encoder"
     listing = io.StringIO()
     list_models(settings, "http://127.0.0.1:9", listing)
     assert f"({catalog}:1)" in listing.getvalue() and "mb " in listing.getvalue()
