@@ -41,6 +41,8 @@ def test_every_marked_example_is_run_here():
         "models-cli",
         "common-sh",
         "embedding-sh",
+        "own-models-sh",
+        "rerank-client",
     }
 
 
@@ -104,11 +106,29 @@ def png(path: Path) -> None:
     Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
 
 
-@pytest.mark.parametrize("name", ["common-sh", "embedding-sh"])
-def test_shell_examples_answer_what_they_say(live, name, tmp_path):
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def own_models(tmp_path_factory):
+    """A server whose catalog file names the README's my-embedder and my-reranker (the tiny
+    BERT embedder and cross-encoder of tests/fixtures/tiny)."""
+    catalog = tmp_path_factory.mktemp("own-models") / "models.toml"
+    catalog.write_text(
+        f'[[models]]\nname = "my-embedder"\npath = "{TINY / "bert-embedding"}"\n\n'
+        f'[[models]]\nname = "my-reranker"\npath = "{TINY / "bert-reranker"}"\n'
+    )
+    with start(tmp_path_factory, warmup="none", models_file=catalog) as server:
+        yield server
+
+
+@pytest.mark.parametrize("name", ["common-sh", "embedding-sh", "own-models-sh"])
+def test_shell_examples_answer_what_they_say(live, own_models, name, tmp_path):
     """Each marked shell block runs as written (bash -e, in a folder holding its sample
     images); every curl it runs directly answers 2xx, or the status its comment names."""
     block = examples()[name]
+    if name == "own-models-sh":
+        live = own_models
     png(tmp_path / "photo.png")
     png(tmp_path / "cat.png")
     statuses = tmp_path / "statuses"
@@ -132,6 +152,23 @@ def test_shell_examples_answer_what_they_say(live, name, tmp_path):
 def test_python_examples_print_what_they_say(live, name):
     code = examples()[name]
     assert run_python(code, live.url) == expected_outputs(code)
+
+
+def test_the_rerank_client_prints_what_it_says(own_models):
+    code = examples()["rerank-client"]
+    assert run_python(code, own_models.url) == expected_outputs(code)
+
+
+def test_the_truncate_example_names_the_true_token_count(own_models):
+    """The README's '# 400 ... the input has N tokens' line is what the server says."""
+    block = examples()["own-models-sh"]
+    said = re.search(r"the input has (\d+) tokens but the model's limit is (\d+)", block)
+    r = httpx.post(
+        f"{own_models.url}/v1/embeddings",
+        json={"model": "my-embedder", "input": "long text " * 40, "truncate": False},
+    )
+    assert r.status_code == 400
+    assert f"has {said.group(1)} tokens but the model's limit is {said.group(2)}" in r.text
 
 
 def test_the_prometheus_scrape_config_scrapes(live, tmp_path_factory, tmp_path):
