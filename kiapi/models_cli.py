@@ -252,11 +252,9 @@ def add(
     text = render_entry(fields)
     catalog.parent.mkdir(parents=True, exist_ok=True)
     existing = catalog.read_text(encoding="utf-8") if catalog.exists() else ""
-    separator = "\n" if existing and not existing.endswith("\n\n") else ""
-    if existing and not existing.endswith("\n"):
-        separator = "\n\n"
+    kept = existing.rstrip("\n") + "\n\n" if existing.strip() else ""  # one blank line between
     tmp = catalog.with_name(catalog.name + ".tmp")
-    tmp.write_text(existing + separator + text, encoding="utf-8")
+    tmp.write_text(kept + text, encoding="utf-8")
     os.replace(tmp, catalog)  # atomic: a crash leaves the old file or the new one
     summary = f"{detected.architecture}, {detected.capability}"
     if detected.pooling:

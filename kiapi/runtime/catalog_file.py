@@ -35,17 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from kiapi.runtime.detect import POOLING_MODES, Detected, UnsupportedModel, inspect_model
+from kiapi.runtime.engines import REQUIRES
 from kiapi.runtime.registry import ModelSpec
 from kiapi.runtime.weights import WeightSource, hf_cache_folder
 
 CAPABILITY_NAMES = ("embedding", "chat", "rerank")
 FIELD_LINE = re.compile(r"^(?:\[\s*models\.(\w+)\s*\]|([A-Za-z_][\w-]*)\s*=)")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-ENGINE_REQUIRES = {
-    "mlx-embeddings": ("mlx", "mlx_embeddings", "tokenizers"),
-    "mlx-lm": ("mlx", "mlx_lm", "tokenizers", "jinja2"),
-    "mlx-cross-encoder": ("mlx", "mlx_embeddings", "tokenizers"),
-}
 DEFAULT_ENGINES = {"embedding": "mlx-embeddings", "chat": "mlx-lm", "rerank": "mlx-cross-encoder"}
 FIELDS: dict[str, tuple[type, ...]] = {
     "name": (str,),
@@ -92,9 +88,9 @@ def read_catalog_file(path: Path) -> CatalogFile:
     except tomllib.TOMLDecodeError as exc:
         return CatalogFile([], [f"{path}: not valid TOML: {exc}"])
     extra = sorted(set(document) - {"models"})
-    problems = [f"{path}: unknown top-level key(s) {', '.join(extra)}; use [[models]]"] * bool(
-        extra
-    )
+    problems = []
+    if extra:
+        problems.append(f"{path}: unknown top-level key(s) {', '.join(extra)}; use [[models]]")
     entries = document.get("models", [])
     if not isinstance(entries, list):
         return CatalogFile([], [*problems, f"{path}: 'models' must be an array of tables"])
@@ -201,7 +197,7 @@ def entry_spec(entry: Any, where: Where, *, base: Path) -> ModelSpec:
     source = WeightSource(
         repo,
         path=detected.folder if detected and "path" in entry else None,
-        requires=ENGINE_REQUIRES[engine],
+        requires=REQUIRES[engine],
         filename=detected.filename if detected else None,
     )
     line = where.lines.get("")

@@ -140,7 +140,12 @@ def parse_request(registry: Registry, body: dict[str, Any]) -> EmbeddingRequest:
         given["text"] = with_prompt(spec, given["text"], body)
     elif body.get("prompt_name") is not None or body.get("instruction") is not None:
         raise BadRequest("'prompt_name' and 'instruction' apply to 'text' input only")
-    return EmbeddingRequest(spec, **given, truncate=body.get("truncate", True) is not False)
+    return EmbeddingRequest(spec, **given, truncate=wants_truncation(body))
+
+
+def wants_truncation(body: dict[str, Any]) -> bool:
+    """The ``truncate`` extension field: anything but an explicit false truncates."""
+    return body.get("truncate", True) is not False
 
 
 def l2_normalize(vector: np.ndarray | Sequence[float]) -> np.ndarray:

@@ -20,6 +20,14 @@ ENGINES: dict[str, str] = {
 }
 
 
+# The importable modules each engine needs (a model whose engine misses one is not set up).
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "mlx-embeddings": ("mlx", "mlx_embeddings", "tokenizers"),
+    "mlx-lm": ("mlx", "mlx_lm", "tokenizers", "jinja2"),
+    "mlx-cross-encoder": ("mlx", "mlx_embeddings", "tokenizers"),
+}
+
+
 def loader_of(engine: str):
     """The load function of ``engine`` (imports its module)."""
     try:

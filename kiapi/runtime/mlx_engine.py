@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from kiapi.runtime import blas, heap, pinned
+from kiapi.runtime.detect import POOLING_MODES
 from kiapi.runtime.embedding import EmbeddingItem, EmbeddingVector
 from kiapi.runtime.errors import BadRequest
 from kiapi.runtime.jobs import report_progress
@@ -36,7 +37,7 @@ from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json, weight_files
 
 MEAN, LAST, MAX, CLS = "mean", "last", "max", "cls"
-POOLINGS = (MEAN, LAST, MAX, CLS)
+POOLINGS = POOLING_MODES  # what catalog entries and detection may name
 GIB = 1024**3
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from kiapi.runtime.catalog import EMBEDDING
-from kiapi.runtime.embedding import l2_normalize, with_prompt
+from kiapi.runtime.embedding import l2_normalize, wants_truncation, with_prompt
 from kiapi.runtime.errors import BadRequest
 from kiapi.runtime.registry import ModelSpec, Registry
 from kiapi.runtime.worker import JobOutput
@@ -70,7 +70,7 @@ def parse_openai_request(registry: Registry, body: dict[str, Any]) -> OpenAIEmbe
         tuple(texts),
         body.get("encoding_format") or FLOAT,
         dimensions,
-        truncate=body.get("truncate", True) is not False,
+        truncate=wants_truncation(body),
     )
 
 

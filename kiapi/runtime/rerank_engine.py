@@ -43,9 +43,11 @@ def max_pair_tokens(folder: Path, config: dict[str, Any]) -> int:
 
 
 class CrossEncoder(_Embedder):
-    def __init__(self, model, head: dict, tokenizer, *, kind: str, labels: int, sigmoid: bool):
+    def __init__(
+        self, model, head: dict, tokenizer, *, kind: str, labels: int, sigmoid: bool, pad_id: int
+    ):
         super().__init__(model)
-        self.head, self.tokenizer, self.kind = head, tokenizer, kind
+        self.head, self.tokenizer, self.kind, self.pad_id = head, tokenizer, kind, pad_id
         self.labels, self.sigmoid = labels, sigmoid
 
     @classmethod
@@ -81,7 +83,8 @@ class CrossEncoder(_Embedder):
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_pair_tokens(folder, config), strategy="longest_first")
         loaded = cls(model, head, tokenizer, kind=kind, labels=labels,
-                     sigmoid=labels == 1 and not activation.endswith("Identity"))  # fmt: skip
+                     sigmoid=labels == 1 and not activation.endswith("Identity"),
+                     pad_id=int(config.get("pad_token_id") or 0))  # fmt: skip
         loaded.weight_gb += sum(v.nbytes for v in head.values()) / 1024**3
         return loaded
 
@@ -103,11 +106,9 @@ class CrossEncoder(_Embedder):
     def _score(self, encodings) -> np.ndarray:
         mx = import_mlx()
         width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), width), np.int32)
+        ids = np.full((len(encodings), width), self.pad_id, np.int32)
         types = np.zeros_like(ids)
         mask = np.zeros_like(ids)
-        pad = self.tokenizer.token_to_id("<pad>") if self.kind == "xlm-roberta" else 0
-        ids[:] = pad or 0
         for row, e in enumerate(encodings):
             ids[row, : len(e.ids)] = e.ids
             types[row, : len(e.ids)] = e.type_ids

@@ -4,6 +4,7 @@ entries skipped while the rest serve, detection from the model's own files, and
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -138,8 +139,6 @@ def test_unsupported_architectures_and_pooling_are_named(tmp_path):
 def test_models_add_writes_an_entry_the_server_reads(tmp_path):
     catalog = tmp_path / "conf" / "models.toml"
     settings = Settings(_env_file=None, models_file=catalog)
-    import io
-
     out = io.StringIO()
     assert add(settings, str(TINY / "bert-embedding"), out, aliases=["tb"]) == 0
     assert "BertModel, embedding, cls pooling, prompts: query, document" in out.getvalue()
