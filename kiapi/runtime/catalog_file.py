@@ -61,6 +61,20 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "ttl_s": (int, float),
     "weight_gb": (int, float),
 }
+# Fields only the built-in catalog (builtin_models.toml) may use: it describes models whose
+# weights may not be on this machine, so nothing is detected and everything is stated.
+BUILTIN_FIELDS: dict[str, tuple[type, ...]] = {
+    "engine": (str,),
+    "features": (list,),
+    "dimensions_max": (int,),
+    "peak_headroom_gb": (int, float),
+    "extra_requires": (list,),
+    "requires_install": (str,),
+    "package": (str,),
+    "package_dir": (str,),
+    "package_install": (str,),
+    "filename": (str,),
+}
 
 
 class EntryError(ValueError):
@@ -75,8 +89,10 @@ class CatalogFile:
     problems: list[str]
 
 
-def read_catalog_file(path: Path) -> CatalogFile:
-    """Parse and check ``path``; never raises for bad content (see :class:`CatalogFile`)."""
+def read_catalog_file(path: Path, *, builtin: bool = False) -> CatalogFile:
+    """Parse and check ``path``; never raises for bad content (see :class:`CatalogFile`).
+    ``builtin``: the file is kiapi's own catalog (:data:`BUILTIN_FIELDS` allowed, nothing
+    detected, entries marked ``built-in``)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -99,7 +115,11 @@ def read_catalog_file(path: Path) -> CatalogFile:
     for index, entry in enumerate(entries):
         where = Where(path, lines[index] if index < len(lines) else {})
         try:
-            specs.append(entry_spec(entry, where, base=path.parent))
+            specs.append(
+                builtin_spec(entry, where)
+                if builtin
+                else entry_spec(entry, where, base=path.parent)
+            )
         except EntryError as exc:
             problems.append(str(exc))
     return CatalogFile(specs, problems)
@@ -129,17 +149,17 @@ class Where:
         return EntryError(f"{at}: {'field ' + repr(field) + ': ' if field else ''}{message}")
 
 
-def entry_spec(entry: Any, where: Where, *, base: Path) -> ModelSpec:
-    """One checked entry as a :class:`ModelSpec` (fields left out detected from its files)."""
+def check_entry(entry: Any, where: Where, fields: dict[str, tuple[type, ...]]) -> None:
+    """The checks every entry passes: known fields, their types, and each field's own rule."""
     if not isinstance(entry, dict):
         raise where.error(None, "each [[models]] entry must be a table")
     for key, value in entry.items():
-        if key not in FIELDS:
-            raise where.error(key, f"unknown field; fields: {', '.join(FIELDS)}")
-        if not isinstance(value, FIELDS[key]) or (
-            isinstance(value, bool) and bool not in FIELDS[key]
+        if key not in fields:
+            raise where.error(key, f"unknown field; fields: {', '.join(fields)}")
+        if not isinstance(value, fields[key]) or (
+            isinstance(value, bool) and bool not in fields[key]
         ):
-            kinds = " or ".join(t.__name__ for t in FIELDS[key])
+            kinds = " or ".join(t.__name__ for t in fields[key])
             raise where.error(key, f"must be {kinds}, not {type(value).__name__}")
     name = entry.get("name")
     if name is None:
@@ -163,10 +183,66 @@ def entry_spec(entry: Any, where: Where, *, base: Path) -> ModelSpec:
     template = entry.get("instruction_template")
     if template is not None and not ("{instruction}" in template and "{text}" in template):
         raise where.error("instruction_template", "must contain {instruction} and {text}")
-    for key in ("max_tokens", "dimensions_min"):
+    for key in ("max_tokens", "dimensions_min", "dimensions_max"):
         if key in entry and entry[key] < 1:
             raise where.error(key, "must be at least 1")
+    for key in ("features", "extra_requires"):
+        if not all(isinstance(v, str) and v for v in entry.get(key, [])):
+            raise where.error(key, "must be a list of non-empty strings")
+    if "engine" in entry and entry["engine"] not in REQUIRES:
+        raise where.error("engine", f"must be one of {', '.join(REQUIRES)}")
 
+
+def builtin_spec(entry: Any, where: Where) -> ModelSpec:
+    """One entry of kiapi's own catalog: every field stated, nothing read from disk."""
+    check_entry(entry, where, FIELDS | BUILTIN_FIELDS)
+    for key in ("capability", "engine", "repo"):
+        if key not in entry:
+            raise where.error(None, f"a built-in entry needs {key!r}")
+    capability, engine = entry["capability"], entry["engine"]
+    if entry.get("default_prompt", None) not in (None, *entry.get("prompts", {})):
+        raise where.error("default_prompt", "names no prompt of this model")
+    source_fields = {
+        key: entry[key]
+        for key in ("package", "package_dir", "package_install", "requires_install", "filename")
+        if key in entry
+    }
+    source = WeightSource(
+        entry["repo"],
+        requires=(*REQUIRES[engine], *entry.get("extra_requires", [])),
+        **source_fields,
+    )
+    return ModelSpec(
+        name=entry["name"],
+        family=capability,
+        domain="text" if capability == "chat" else capability,
+        repo=entry["repo"],
+        aliases=tuple(entry.get("aliases", [])),
+        features=tuple(entry.get("features", ["text"])),
+        default=entry.get("default", False),
+        weight_gb=float(entry.get("weight_gb", 0.0)),
+        peak_headroom_gb=float(entry.get("peak_headroom_gb", 0.0)),
+        priority=entry.get("priority", 0),
+        ttl_s=float(entry["ttl_s"]) if "ttl_s" in entry else None,
+        engine=engine,
+        source=source,
+        pooling=entry.get("pooling"),
+        dimensions_min=entry.get("dimensions_min"),
+        dimensions_max=entry.get("dimensions_max"),
+        normalize=entry.get("normalize", True),
+        max_tokens=entry.get("max_tokens"),
+        prompts=tuple(entry.get("prompts", {}).items()),
+        default_prompt=entry.get("default_prompt"),
+        instruction_template=entry.get("instruction_template"),
+    )
+
+
+def entry_spec(entry: Any, where: Where, *, base: Path) -> ModelSpec:
+    """One checked entry as a :class:`ModelSpec` (fields left out detected from its files)."""
+    check_entry(entry, where, FIELDS)
+    name, prompts, aliases = entry["name"], entry.get("prompts", {}), entry.get("aliases", [])
+    capability, pooling = entry.get("capability"), entry.get("pooling")
+    template = entry.get("instruction_template")
     if "path" in entry:
         folder = Path(entry["path"]).expanduser()
         folder = folder if folder.is_absolute() else base / folder

