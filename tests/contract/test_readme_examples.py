@@ -154,8 +154,9 @@ def test_python_examples_print_what_they_say(live, name):
     assert run_python(code, live.url) == expected_outputs(code)
 
 
-def test_the_rerank_client_prints_what_it_says(own_models):
-    code = examples()["rerank-client"]
+@pytest.mark.parametrize("name", ["rerank-client", "rerank-cohere"])
+def test_the_rerank_clients_print_what_they_say(own_models, name):
+    code = examples()[name]
     assert run_python(code, own_models.url) == expected_outputs(code)
 
 
