@@ -89,6 +89,22 @@ PEERS = {
             ),
         ),
         Peer(
+            # not a server: the independent reference tests/fixtures/tiny/make_tiny.py runs in
+            # (transformers and sentence-transformers on torch, never kiapi's MLX code)
+            "reference",
+            (
+                (TORCH,),
+                (
+                    TORCH,
+                    "transformers==4.57.6",
+                    "tokenizers==0.22.2",
+                    "sentence-transformers==3.4.1",
+                    "safetensors==0.7.0",
+                    "numpy==2.2.6",
+                ),
+            ),
+        ),
+        Peer(
             "llamacpp",
             (("llama-cpp-python[server]==0.3.16",),),
             # built here from source; native, so it uses what this CPU has (AVX2, AVX-512)
