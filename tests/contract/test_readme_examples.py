@@ -43,6 +43,7 @@ def test_every_marked_example_is_run_here():
         "embedding-sh",
         "own-models-sh",
         "rerank-client",
+        "rerank-cohere",
     }
 
 
