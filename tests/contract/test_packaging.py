@@ -80,6 +80,11 @@ def test_the_installed_wheel_serves_docs_and_both_bundled_models(dist, tmp_path)
         [str(bin_dir / "kiapi"), "setup"], env=env, capture_output=True, text=True, timeout=600
     )
     assert setup.returncode == 0, setup.stdout + setup.stderr
+    doctor = subprocess.run(
+        [str(bin_dir / "kiapi"), "doctor"], env=env, capture_output=True, text=True, timeout=120
+    )
+    blas_line = next(line for line in doctor.stdout.splitlines() if " blas " in line)
+    assert blas_line.startswith("ok ") and "OpenBLAS" in blas_line, doctor.stdout  # no root, no apt
     server = subprocess.Popen(
         [str(bin_dir / "kiapi"), "serve"],
         env=env,
