@@ -22,6 +22,7 @@ requests share every decode step (continuous batching). Only the worker thread c
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from typing import Any
 from kiapi.runtime.mlx_import import import_mlx
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json
+
+log = logging.getLogger(__name__)
 
 _GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|scales|biases)$")
 _GGUF_LAYER_NAMES = {
@@ -67,6 +70,7 @@ class ChatModel:
     stop_ids: frozenset[int]
     context_length: int
     kv_bytes_per_token: int
+    weight_layout: str = "as loaded"  # on the CPU: rows or columns (dequantize_for_cpu)
 
     def render(self, messages: Sequence[dict[str, str]]) -> str:
         return self.template.render(
@@ -148,8 +152,7 @@ def load_gguf(path: Path, name: str = "gguf") -> ChatModel:
 
     nn.quantize(model, class_predicate=quantization)
     model.load_weights(list(weights.items()), strict=True)
-    if mx.default_device() == mx.cpu:
-        dequantize_for_cpu(model)
+    layout = dequantize_for_cpu(model) if mx.default_device() == mx.cpu else "as loaded"
     mx.eval(model.parameters())
 
     tokens = list(meta["tokenizer.ggml.tokens"])
@@ -175,37 +178,103 @@ def load_gguf(path: Path, name: str = "gguf") -> ChatModel:
             args.num_key_value_heads,
             args.head_dim or args.hidden_size // args.num_attention_heads,
         ),
+        weight_layout=layout,
     )
 
 
-def dequantize_for_cpu(model: Any) -> None:
-    """Quantized layers -> float32 ones, in place. MLX's CPU backend has no fast quantized
-    matmul: measured here, a 4-bit 1536x576 matvec took 2.3 ms and the float32 one (BLAS)
-    0.5 ms, so decoding runs ~2.5x faster on float32 weights, for 4-8x their memory. On a GPU
-    (Metal) the quantized kernels are the fast ones and nothing changes.
+LAYOUTS = ("rows", "columns")
+LAYOUT_SAMPLE_BYTES = 96 * 2**20  # more than any L3 cache of these machines: decode streams
 
-    The float32 matrices are stored transposed, (inputs, outputs) row-major
-    (:class:`ColumnMajorLinear`): OpenBLAS multiplies a few rows by such a matrix faster than
-    by the transpose of an (outputs, inputs) one (``bench/decode_profile.py``). A quantized
-    embedding keeps its packed table for lookups and, when the model ties its output head to
-    it (no ``lm_head``), holds the head as a transposed float32 copy (:class:`CpuEmbedding`)."""
+
+def dequantize_for_cpu(model: Any, layout: str | None = None, timer=None) -> str:
+    """Quantized layers -> float32 ones, in place; returns the layout the matrices got.
+
+    MLX's CPU backend has no fast quantized matmul: measured here, a 4-bit 1536x576 matvec
+    took 2.3 ms and the float32 one (BLAS) 0.5 ms, so decoding runs ~2.5x faster on float32
+    weights, for 4-8x their memory. On a GPU (Metal) the quantized kernels are the fast ones
+    and nothing changes.
+
+    Decoding multiplies a few rows by every matrix, so it streams the weights from memory, and
+    which storage OpenBLAS streams faster depends on the CPU (``bench/decode_profile.py``):
+    ``rows`` keeps ``nn.Linear``'s (outputs, inputs) matrices (``x @ W.T``: 47 ms per token
+    for SmolLM2 on an AMD EPYC, against 68 for the other); ``columns`` stores them transposed,
+    (inputs, outputs) row-major (:class:`ColumnMajorLinear`, ``x @ Wt``: the faster one on a
+    Cooper Lake Xeon). ``layout=None`` measures both on the model's own first matrices
+    (:func:`faster_layout`, ~0.1 s) and keeps the faster. A quantized embedding keeps its
+    packed table for lookups and, when the model ties its output head to it (no
+    ``lm_head``), holds the head as a float32 copy in the same layout (:class:`CpuEmbedding`)."""
     import_mlx()
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
 
     column_major_linear, cpu_embedding = cpu_modules()
     tied = "lm_head" not in model
-    replaced = []
+    linears = []
+    embeddings = []
     for path, module in model.named_modules():
         if isinstance(module, nn.QuantizedEmbedding):
-            replaced.append((path, cpu_embedding(module, head=tied)))
+            embeddings.append((path, module))
         elif isinstance(module, nn.QuantizedLinear):
             weight = dequantized_float32(
                 module.weight, module.scales, module.biases, module.group_size, module.bits
             )
-            replaced.append((path, column_major_linear(weight, module.get("bias"))))
+            linears.append((path, weight, module.get("bias")))
+    if layout is None:
+        layout = faster_layout([w for _, w, _ in linears], timer) if linears else "rows"
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    replaced = [(path, cpu_embedding(module, tied, layout)) for path, module in embeddings]
+    for path, weight, bias in linears:
+        replaced.append((path, column_major_linear(weight, bias) if layout == "columns"
+                         else row_major_linear(weight, bias)))  # fmt: skip
     if replaced:
         model.update_modules(tree_unflatten(replaced))
+    return layout
+
+
+def row_major_linear(weight: Any, bias: Any = None) -> Any:
+    """An ``nn.Linear`` holding ``weight`` (outputs, inputs) as it is."""
+    import mlx.nn as nn
+
+    layer = nn.Linear(1, 1, bias=bias is not None)
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
+def faster_layout(matrices: Sequence[Any], timer=None, rounds: int = 3) -> str:
+    """``rows`` or ``columns``: which storage multiplies one row by ``matrices`` (float32,
+    (outputs, inputs)) faster here, timed on the first of them that add up to
+    :data:`LAYOUT_SAMPLE_BYTES` (so they come from memory, as in a decode step). Best of
+    ``rounds`` for each, alternating; ``timer`` defaults to ``time.perf_counter``."""
+    import time
+
+    mx = import_mlx()
+    timer = timer or time.perf_counter
+    sample, size = [], 0
+    for matrix in matrices:
+        if size >= LAYOUT_SAMPLE_BYTES:
+            break
+        sample.append(matrix)
+        size += matrix.nbytes
+    transposed = [mx.contiguous(m.T) for m in sample]
+    rows = {m.shape[1]: mx.ones((1, m.shape[1])) for m in sample}
+    mx.eval(transposed, list(rows.values()))
+
+    def by_rows() -> None:
+        mx.eval([rows[m.shape[1]] @ m.T for m in sample])
+
+    def by_columns() -> None:
+        mx.eval([rows[t.shape[0]] @ t for t in transposed])
+
+    best = {"rows": float("inf"), "columns": float("inf")}
+    for _ in range(rounds):
+        for name, run in (("rows", by_rows), ("columns", by_columns)):
+            started = timer()
+            run()
+            best[name] = min(best[name], timer() - started)
+    return "columns" if best["columns"] < best["rows"] else "rows"
 
 
 @functools.cache
@@ -231,9 +300,10 @@ def cpu_modules() -> tuple[type, type]:
     class CpuEmbedding(nn.Module):
         """A quantized embedding table whose looked-up rows are expanded to float32 exactly
         as :func:`dequantized_float32` expands matrices; ``as_linear`` (a tied output head)
-        multiplies by a transposed float32 copy, made only when ``head`` is true."""
+        multiplies by a float32 copy of the table, made only when ``head`` is true: the
+        table itself (``rows``, ``x @ T.T``) or its transpose (``columns``, ``x @ Tt``)."""
 
-        def __init__(self, quantized: Any, head: bool) -> None:
+        def __init__(self, quantized: Any, head: bool, layout: str = "rows") -> None:
             super().__init__()
             self.weight, self.scales = quantized.weight, quantized.scales
             self.biases = quantized.biases
@@ -242,7 +312,10 @@ def cpu_modules() -> tuple[type, type]:
                 table = dequantized_float32(
                     self.weight, self.scales, self.biases, self.group_size, self.bits
                 )
-                self.head_t = mx.contiguous(table.T)
+                if layout == "columns":
+                    self.head_t = mx.contiguous(table.T)
+                else:
+                    self.head = table
 
         def __call__(self, ids: Any) -> Any:
             return dequantized_float32(
@@ -250,7 +323,9 @@ def cpu_modules() -> tuple[type, type]:
             )
 
         def as_linear(self, x: Any) -> Any:
-            return x @ self.head_t
+            if "head_t" in self:
+                return x @ self.head_t
+            return x @ self.head.T
 
     return ColumnMajorLinear, CpuEmbedding
 
@@ -323,8 +398,9 @@ def load_hf(folder: Path, name: str = "hf") -> ChatModel:
     from tokenizers import Tokenizer
 
     model, config = load_model(folder)
+    layout = "as loaded"
     if mx.default_device() == mx.cpu:
-        dequantize_for_cpu(model)
+        layout = dequantize_for_cpu(model)
         mx.eval(model.parameters())
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer_config = read_json(folder, "tokenizer_config.json")
@@ -353,6 +429,7 @@ def load_hf(folder: Path, name: str = "hf") -> ChatModel:
             config.get("num_key_value_heads", heads),
             config.get("head_dim") or config["hidden_size"] // heads,
         ),
+        weight_layout=layout,
     )
 
 
@@ -373,6 +450,7 @@ def load_chat_model(spec: ModelSpec) -> LoadedModel:
     before = mx.get_active_memory()
     chat = load_gguf(folder / filename, spec.name) if filename else load_hf(folder, spec.name)
     weight_gb = max(mx.get_active_memory() - before, 0) / 1e9
+    log.info("loaded %s: %.2f GB, weights stored by %s", spec.name, weight_gb, chat.weight_layout)
 
     def unload() -> None:
         chat.model = None

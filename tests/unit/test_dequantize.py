@@ -62,8 +62,9 @@ def quantized_layers(bias: bool):
     return mx, model
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_layers_compute_with_the_exact_float32_expansion(bias):
+def test_cpu_layers_compute_with_the_exact_float32_expansion(bias, layout):
     from kiapi.runtime.llm_engine import cpu_modules, dequantize_for_cpu, dequantized_float32
 
     mx, model = quantized_layers(bias)
@@ -75,13 +76,49 @@ def test_cpu_layers_compute_with_the_exact_float32_expansion(bias):
     expected = rows @ np.array(weight).T + (np.array(proj.bias) if bias else 0)
     expected = expected[..., :64] @ np.array(table).T
 
-    dequantize_for_cpu(model)
+    assert dequantize_for_cpu(model, layout) == layout
     column_major_linear, cpu_embedding = cpu_modules()
-    assert isinstance(model.proj, column_major_linear)
     assert isinstance(model.embed_tokens, cpu_embedding)
-    assert model.proj.weight_t.shape == (64, 96)  # stored transposed, contiguous
+    if layout == "columns":
+        assert isinstance(model.proj, column_major_linear)
+        assert model.proj.weight_t.shape == (64, 96)  # stored transposed, contiguous
+        assert "head_t" in model.embed_tokens
+    else:
+        assert type(model.proj).__name__ == "Linear" and model.proj.weight.shape == (96, 64)
+        assert "head" in model.embed_tokens and "head_t" not in model.embed_tokens
     assert np.array_equal(np.array(model.embed_tokens(ids)), rows)  # lookups stay exact
     assert np.abs(np.array(model(ids)) - expected).max() < 1e-4
+
+
+class StepTimer:
+    """A fake ``perf_counter``: each call advances by the next of ``steps`` (cycled)."""
+
+    def __init__(self, steps):
+        self.steps, self.calls, self.now = steps, 0, 0.0
+
+    def __call__(self):
+        self.now += self.steps[self.calls % len(self.steps)]
+        self.calls += 1
+        return self.now
+
+
+@pytest.mark.parametrize(("steps", "chosen"), [((0, 1, 0, 2), "rows"), ((0, 2, 0, 1), "columns")])
+def test_the_faster_measured_layout_is_kept(steps, chosen):
+    """Each round times rows then columns (start, stop): the smaller interval wins."""
+    from kiapi.runtime.llm_engine import dequantize_for_cpu
+
+    _mx, model = quantized_layers(False)
+    timer = StepTimer(steps)
+    assert dequantize_for_cpu(model, timer=timer) == chosen
+    assert timer.calls == 12  # 3 rounds x 2 layouts x (start, stop)
+
+
+def test_an_unknown_layout_is_refused():
+    from kiapi.runtime.llm_engine import dequantize_for_cpu
+
+    _mx, model = quantized_layers(False)
+    with pytest.raises(ValueError, match="rows, columns"):
+        dequantize_for_cpu(model, "diagonal")
 
 
 def test_an_untied_embedding_keeps_no_head_copy():
@@ -90,4 +127,4 @@ def test_an_untied_embedding_keeps_no_head_copy():
     _mx, model = quantized_layers(False)
     model.lm_head = model.proj  # an output head of its own: the table is never a matmul
     dequantize_for_cpu(model)
-    assert "head_t" not in model.embed_tokens
+    assert "head_t" not in model.embed_tokens and "head" not in model.embed_tokens
