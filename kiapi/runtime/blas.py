@@ -277,11 +277,20 @@ def activate(setting: str = AUTO) -> BlasStatus:
         return _status
 
 
+def threads() -> int | None:
+    """How many threads the active OpenBLAS uses per call (None: not OpenBLAS, or not told)."""
+    lib = _loaded.get(_status.path) if _status is not None and _status.path else None
+    getter = getattr(lib, "openblas_get_num_threads", None) if lib is not None else None
+    return int(getter()) if getter is not None else None
+
+
 def set_threads(count: int) -> bool:
     """Set how many threads the active OpenBLAS uses per call; False if it cannot be told.
 
     The engine calls it between forward passes (never while MLX has BLAS work in flight): one
-    thread per call when it runs two halves of a batch on two MLX streams, all cores otherwise.
+    thread per call when it runs two halves of a batch on two MLX streams, all cores otherwise;
+    whoever narrows it restores all cores before returning (the BLAS is process-wide: the
+    next model on the worker, a chat decode step, streams its weights on every core).
     """
     lib = _loaded.get(_status.path) if _status is not None and _status.path else None
     setter = getattr(lib, "openblas_set_num_threads", None) if lib is not None else None

@@ -183,7 +183,7 @@ def load_gguf(path: Path, name: str = "gguf") -> ChatModel:
 
 
 LAYOUTS = ("rows", "columns")
-LAYOUT_SAMPLE_BYTES = 96 * 2**20  # more than any L3 cache of these machines: decode streams
+LAYOUT_SAMPLE_BYTES = 192 * 2**20  # well past any L3 cache here: decoding streams its weights
 
 
 def dequantize_for_cpu(model: Any, layout: str | None = None, timer=None) -> str:
@@ -243,7 +243,7 @@ def row_major_linear(weight: Any, bias: Any = None) -> Any:
     return layer
 
 
-def faster_layout(matrices: Sequence[Any], timer=None, rounds: int = 3) -> str:
+def faster_layout(matrices: Sequence[Any], timer=None, rounds: int = 5) -> str:
     """``rows`` or ``columns``: which storage multiplies one row by ``matrices`` (float32,
     (outputs, inputs)) faster here, timed on the first of them that add up to
     :data:`LAYOUT_SAMPLE_BYTES` (so they come from memory, as in a decode step). Best of

@@ -469,18 +469,25 @@ class FastBert:
         if rows < 2 or len(self.streams) < 2:
             blas.set_threads(self.cores)
             return self._encode(input_ids, attention_mask, in_numpy=True)
+        # One BLAS thread per stream for this call only: the BLAS is process-wide, and the
+        # next model on the worker (a chat decode step) expects every core.
         blas.set_threads(self.threads_per_stream)
-        parts = []
-        for stream, index in zip(
-            self.streams, np.array_split(np.arange(rows), len(self.streams)), strict=True
-        ):
-            if len(index) == 0:
-                continue
-            with mx.stream(stream):
-                take = mx.array(index)
-                parts.append(self._encode(input_ids[take], attention_mask[take], in_numpy=False))
-        mx.eval(parts)
-        return mx.concatenate(parts)
+        try:
+            parts = []
+            for stream, index in zip(
+                self.streams, np.array_split(np.arange(rows), len(self.streams)), strict=True
+            ):
+                if len(index) == 0:
+                    continue
+                with mx.stream(stream):
+                    take = mx.array(index)
+                    parts.append(
+                        self._encode(input_ids[take], attention_mask[take], in_numpy=False)
+                    )
+            mx.eval(parts)
+            return mx.concatenate(parts)
+        finally:
+            blas.set_threads(self.cores)
 
     def _encode(self, input_ids, attention_mask, *, in_numpy: bool):
         mx = import_mlx()
