@@ -244,6 +244,33 @@ def quantize_qwen3(source: Path, folder: Path, *, mode: str = "mxfp8") -> Path:
     return folder
 
 
+def quantize_encoder_folder(source: Path, folder: Path, *, bits: int = 8) -> Path:
+    """A copy of a Hugging Face encoder folder (the tiny BERT or XLM-R under tests/fixtures)
+    as MLX conversions store a quantized one: every 2-D ``*.weight`` of the encoder's linear
+    layers (not the embeddings) as packed ``weight`` + ``scales`` + ``biases`` (affine, group
+    size 32), and ``quantization`` in ``config.json``; every other file as it is."""
+    import shutil
+
+    from kiapi.runtime.mlx_engine import import_mlx
+
+    mx = import_mlx()
+    shutil.copytree(source, folder)
+    out = {}
+    for key, value in mx.load(str(source / "model.safetensors")).items():
+        linear = key.endswith(".weight") and value.ndim == 2 and "embeddings" not in key
+        if linear and value.shape[-1] % 32 == 0:
+            packed, scales, biases = mx.quantize(value, group_size=32, bits=bits)
+            stem = key.removesuffix(".weight")
+            out |= {key: packed, f"{stem}.scales": scales, f"{stem}.biases": biases}
+        else:
+            out[key] = value
+    mx.save_safetensors(str(folder / "model.safetensors"), out)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": bits}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
 # ----------------------------------------------------------------------------- Qwen3-VL
 
 QWEN3_VL_CHAT_TEMPLATE = (

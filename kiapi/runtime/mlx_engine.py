@@ -406,6 +406,23 @@ def fast_bert_applies(model) -> bool:
     return is_bert and mx.default_device().type == mx.DeviceType.cpu
 
 
+def float_weight(linear):
+    """A linear layer's (outputs, inputs) weight as float32: as stored, or expanded from an
+    MLX-quantized layer (``QuantizedLinear``: packed ``weight`` + ``scales``/``biases``).
+    On the CPU the float32 product is the fast one (MLX has no fast CPU quantized matmul)."""
+    mx = import_mlx()
+    if "scales" not in linear:
+        return linear.weight
+    return mx.dequantize(
+        linear.weight,
+        linear.scales,
+        linear.get("biases"),
+        group_size=linear.group_size,
+        bits=linear.bits,
+        mode=getattr(linear, "mode", "affine"),
+    ).astype(mx.float32)
+
+
 class FastBert:
     """The encoder of mlx-embeddings' BERT (``bert.Model``), computed faster on the CPU: same
     weights, same arithmetic up to float rounding; tests compare it with ``bert.Model``.
@@ -418,7 +435,8 @@ class FastBert:
     * a batch of two or more is split in halves run on ``streams`` MLX CPU streams, with the
       BLAS on ``cores // streams`` threads each: MLX's element-wise kernels use one core
       each, so one stream per core keeps every core busy;
-    * the pooler (unused by mean pooling) is skipped.
+    * the pooler (unused by mean pooling) is skipped;
+    * an MLX-quantized checkpoint's matrices are expanded to float32 once (:func:`float_weight`).
 
     Only the worker thread calls it (the streams are MLX's own threads).
     """
@@ -444,15 +462,19 @@ class FastBert:
             self.layers.append(
                 {
                     "w_qkv": mx.concatenate(
-                        [att.query.weight * scale, att.key.weight, att.value.weight]
+                        [
+                            float_weight(att.query) * scale,
+                            float_weight(att.key),
+                            float_weight(att.value),
+                        ]
                     ).T,
                     "b_qkv": mx.concatenate([att.query.bias * scale, att.key.bias, att.value.bias]),
-                    "w_out": layer.attention.output.dense.weight.T,
+                    "w_out": float_weight(layer.attention.output.dense).T,
                     "b_out": layer.attention.output.dense.bias,
                     "norm1": layer.attention.output.LayerNorm,
-                    "w_up": layer.intermediate.dense.weight.T,
+                    "w_up": float_weight(layer.intermediate.dense).T,
                     "b_up": layer.intermediate.dense.bias,
-                    "w_down": layer.output.dense.weight.T,
+                    "w_down": float_weight(layer.output.dense).T,
                     "b_down": layer.output.dense.bias,
                     "norm2": layer.output.LayerNorm,
                 }

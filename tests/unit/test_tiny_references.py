@@ -15,6 +15,7 @@ from kiapi.runtime.catalog import default_registry
 from kiapi.runtime.embedding import EmbeddingItem, l2_normalize, parse_request
 from kiapi.runtime.errors import BadRequest
 from kiapi.runtime.mlx_engine import load_embedding_model
+from tests import tiny_models
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny"
 REFERENCES = json.loads((TINY / "references.json").read_text())
@@ -51,6 +52,24 @@ def test_vectors_and_token_counts_equal_sentence_transformers(registry, models, 
         assert cosine(out.vector, expected) >= 0.9999
         vector = l2_normalize(out.vector) if spec.normalize else np.asarray(out.vector)
         np.testing.assert_allclose(vector, expected, atol=2e-4)  # scale too, normalized or not
+
+
+@pytest.mark.parametrize("name", ["bert-embedding", "xlm-roberta-embedding"])
+def test_mlx_quantized_folders_load_through_the_catalog(tmp_path, name):
+    """An MLX-quantized copy (8-bit, as mlx conversions store one) loads through the catalog
+    with quantized layers and stays next to sentence-transformers' float32 vectors."""
+    folder = tiny_models.quantize_encoder_folder(TINY / name, tmp_path / "q8")
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(f'[[models]]\nname = "q8"\npath = "{folder}"\n')
+    registry = default_registry(None, catalog)
+    assert registry.problems == []
+    loaded = load_embedding_model(registry.resolve("embedding", "q8")).model
+    kinds = {type(m).__name__ for _, m in loaded.model.named_modules()}
+    assert "QuantizedLinear" in kinds
+    ref = REFERENCES[name]
+    outs = loaded.embed([EmbeddingItem(text=t) for t in ref["texts"]])
+    for out, expected in zip(outs, ref["plain"], strict=True):
+        assert cosine(out.vector, expected) >= 0.999  # 8-bit weights: not bit-exact
 
 
 def test_named_prompts_are_applied_as_sentence_transformers_does(registry, models):
