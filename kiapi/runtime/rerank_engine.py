@@ -42,6 +42,27 @@ def max_pair_tokens(folder: Path, config: dict[str, Any]) -> int:
     return min(usable)
 
 
+def float_head(head: dict[str, Any], quantization: dict | None) -> dict[str, Any]:
+    """The classifier's tensors with any MLX-quantized matrix (``weight`` + ``scales``
+    [+ ``biases``]) expanded back to float32: the head is a few small products."""
+    mx = import_mlx()
+    out = {}
+    for key, value in head.items():
+        stem = key.removesuffix(".weight")
+        if key.endswith((".scales", ".biases")) and f"{key.rsplit('.', 1)[0]}.weight" in head:
+            continue
+        if key.endswith(".weight") and f"{stem}.scales" in head and quantization:
+            value = mx.dequantize(
+                value,
+                head[f"{stem}.scales"],
+                head.get(f"{stem}.biases"),
+                group_size=quantization["group_size"],
+                bits=quantization["bits"],
+            ).astype(mx.float32)
+        out[key] = value
+    return out
+
+
 class CrossEncoder(_Embedder):
     def __init__(
         self, model, head: dict, tokenizer, *, kind: str, labels: int, sigmoid: bool, pad_id: int
@@ -73,9 +94,20 @@ class CrossEncoder(_Embedder):
         for path in weight_files(folder):
             weights.update(mx.load(str(path)))
         prefix = PREFIXES[kind]
-        head = {k: v for k, v in weights.items() if k.startswith("classifier.")}
+        quantization = config.get("quantization")
+        head = float_head({k: v for k, v in weights.items() if k.startswith("classifier.")},
+                          quantization)  # fmt: skip
         encoder = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         encoder = {k: v for k, v in encoder.items() if "position_ids" not in k}
+        if quantization:  # an MLX-quantized folder: the layers it stores packed, quantized
+            import mlx.nn as nn
+
+            nn.quantize(
+                model,
+                group_size=quantization["group_size"],
+                bits=quantization["bits"],
+                class_predicate=lambda path, _module: f"{path}.scales" in encoder,
+            )
         model.load_weights(list(encoder.items()))  # strict: every encoder tensor, no other
         mx.eval(model.parameters(), head)
         model.eval()

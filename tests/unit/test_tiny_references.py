@@ -72,6 +72,24 @@ def test_mlx_quantized_folders_load_through_the_catalog(tmp_path, name):
         assert cosine(out.vector, expected) >= 0.999  # 8-bit weights: not bit-exact
 
 
+@pytest.mark.parametrize("name", ["bert-reranker", "xlm-roberta-reranker"])
+def test_mlx_quantized_rerankers_load_through_the_catalog(tmp_path, name):
+    """The same for cross-encoders: encoder and classifier stored 8-bit, scores next to
+    sentence-transformers' CrossEncoder on the float32 weights."""
+    from kiapi.runtime.rerank_engine import load_reranker
+
+    folder = tiny_models.quantize_encoder_folder(TINY / name, tmp_path / "q8")
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(f'[[models]]\nname = "q8"\npath = "{folder}"\n')
+    registry = default_registry(None, catalog)
+    assert registry.problems == []
+    reranker = load_reranker(registry.resolve("rerank", "q8")).model
+    assert "QuantizedLinear" in {type(m).__name__ for _, m in reranker.model.named_modules()}
+    ref = REFERENCES[name]
+    scores, _tokens = reranker.score(ref["query"], ref["documents"])
+    np.testing.assert_allclose(scores, ref["scores"], atol=0.03)  # 8-bit weights
+
+
 def test_named_prompts_are_applied_as_sentence_transformers_does(registry, models):
     spec, ref = registry.resolve("embedding", "bert-embedding"), REFERENCES["bert-embedding"]
     for prompt in ("query", "document"):
