@@ -8,7 +8,10 @@ To add an engine: a module with ``load(spec) -> LoadedModel`` and a line in :dat
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import threading
+from collections.abc import Iterable
 
 from kiapi.runtime.errors import ModelNotSetUp
 from kiapi.runtime.registry import LoadedModel, ModelSpec
@@ -26,6 +29,25 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "mlx-lm": ("mlx", "mlx_lm", "tokenizers", "jinja2"),
     "mlx-cross-encoder": ("mlx", "mlx_embeddings", "tokenizers"),
 }
+
+
+def prefetch(engines: Iterable[str]) -> threading.Thread:
+    """Import what ``engines`` need (:data:`REQUIRES`) on a daemon thread, so a start-up that
+    loads their models overlaps those imports (mlx-lm's pulls in transformers: ~0.8 s) with
+    serving and with loading the models before them. Call it only after the BLAS is chosen
+    (``blas.activate``): this may be the first import of MLX. An import that fails here is
+    left for the load to report; Python's import lock makes a loader that needs a module
+    still being imported wait for it."""
+    modules = list(dict.fromkeys(m for e in engines for m in REQUIRES.get(e, ())))
+
+    def run() -> None:
+        for module in modules:
+            with contextlib.suppress(Exception):  # the model's load reports it, with its hint
+                importlib.import_module(module)
+
+    thread = threading.Thread(target=run, name="kiapi-prefetch", daemon=True)
+    thread.start()
+    return thread
 
 
 def loader_of(engine: str):
