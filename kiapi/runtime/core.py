@@ -166,7 +166,7 @@ class Runtime:
         if not self._warmup:
             self._warm.set()
             return
-        if self._real_engines:  # the warmup's engine imports overlap the first loads
+        if self._real_engines:  # slow engine imports overlap serving and the first loads
             engines.prefetch(s.engine for s in self._warmup if s.engine and s.is_set_up())
         job = self.jobs.create("warmup", {"models": [s.name for s in self._warmup]})
         self.worker.submit(job, self._warm_up)

@@ -31,23 +31,38 @@ REQUIRES: dict[str, tuple[str, ...]] = {
 }
 
 
-def prefetch(engines: Iterable[str]) -> threading.Thread:
-    """Import what ``engines`` need (:data:`REQUIRES`) on a daemon thread, so a start-up that
-    loads their models overlaps those imports (mlx-lm's pulls in transformers: ~0.8 s) with
-    serving and with loading the models before them. Call it only after the BLAS is chosen
-    (``blas.activate``): this may be the first import of MLX. An import that fails here is
-    left for the load to report; Python's import lock makes a loader that needs a module
-    still being imported wait for it."""
-    modules = list(dict.fromkeys(m for e in engines for m in REQUIRES.get(e, ())))
+# What is worth importing ahead of an engine's first load, on a side thread (:func:`prefetch`):
+# plain modules with a slow import. Never a package kiapi imports in a special way
+# (mlx_embeddings: mlx_engine.architecture() keeps its __init__ from running).
+PREFETCH: dict[str, tuple[str, ...]] = {
+    "mlx-lm": ("mlx_lm.generate",),  # mlx-lm's __init__ pulls in transformers: ~0.8 s
+}
+_prefetching: dict[str, threading.Thread] = {}  # engine -> its prefetch thread
+
+
+def prefetch(engines: Iterable[str]) -> None:
+    """Start importing :data:`PREFETCH`'s modules of ``engines`` on a daemon thread, so their
+    import overlaps serving and the loads of other engines' models. :func:`load` waits for an
+    engine's prefetch before loading with it, so two threads never import one package at the
+    same time (transformers' lazy modules are not safe for that). Call it only after the BLAS
+    is chosen (``blas.activate``); MLX itself is imported here, on the calling thread. A
+    failed import is left for the load to report, with its hint."""
+    wanted = [e for e in dict.fromkeys(engines) if e in PREFETCH and e not in _prefetching]
+    if not wanted:
+        return
+    with contextlib.suppress(Exception):
+        importlib.import_module("mlx.nn")  # shared by every engine: before any other thread
+    modules = list(dict.fromkeys(m for e in wanted for m in PREFETCH[e]))
 
     def run() -> None:
         for module in modules:
-            with contextlib.suppress(Exception):  # the model's load reports it, with its hint
+            with contextlib.suppress(Exception):
                 importlib.import_module(module)
 
     thread = threading.Thread(target=run, name="kiapi-prefetch", daemon=True)
+    for engine in wanted:
+        _prefetching[engine] = thread
     thread.start()
-    return thread
 
 
 def loader_of(engine: str):
@@ -65,4 +80,6 @@ def load(spec: ModelSpec) -> LoadedModel:
     spec.require_set_up()
     if spec.engine is None:
         raise ModelNotSetUp(f"model {spec.name!r} names no engine")
+    if (thread := _prefetching.get(spec.engine)) is not None:
+        thread.join()
     return loader_of(spec.engine)(spec)
