@@ -160,7 +160,7 @@ class TextEmbedder(_Embedder):
         self.kind = type(model).__module__.rsplit(".", 1)[-1]
         self.fast = FastBert(model) if fast_bert_applies(model) else None
         if self.fast is not None:
-            self.weight_gb += self.fast.extra_bytes() / GIB  # its fused QKV weights
+            self.weight_gb += self.fast.extra_bytes() / GIB  # fused QKV (and float copies)
 
     def unload(self) -> None:
         self.fast = None  # it holds weight arrays too
@@ -457,6 +457,7 @@ class FastBert:
         self.cores = cores
         scale = 1 / math.sqrt(self.head_size)
         self.layers = []
+        self.quantized = "scales" in model.encoder.layer[0].intermediate.dense
         for layer in model.encoder.layer:
             att = layer.attention.self
             self.layers.append(
@@ -482,8 +483,12 @@ class FastBert:
         mx.eval([{k: v for k, v in p.items() if not k.startswith("norm")} for p in self.layers])
 
     def extra_bytes(self) -> int:
-        """Memory it adds to the model's own weights: the fused QKV weights and biases."""
-        return sum(p["w_qkv"].nbytes + p["b_qkv"].nbytes for p in self.layers)
+        """Memory it adds to the model's own weights: the fused QKV weights and biases, and
+        for an MLX-quantized model the float32 copies of the other matrices too (for a float
+        one they are views of the model's own)."""
+        copied = ("w_qkv", "b_qkv", "w_out", "w_up", "w_down") if self.quantized else (
+            "w_qkv", "b_qkv")  # fmt: skip
+        return sum(p[key].nbytes for p in self.layers for key in copied)
 
     def __call__(self, input_ids, attention_mask):
         mx = import_mlx()

@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 
 from kiapi.runtime.jobs import report_progress
-from kiapi.runtime.mlx_engine import _Embedder, architecture, length_groups, release_memory
+from kiapi.runtime.mlx_engine import (
+    _Embedder,
+    architecture,
+    length_groups,
+    quantization_of,
+    release_memory,
+)
 from kiapi.runtime.mlx_import import import_mlx
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json, weight_files
@@ -58,6 +64,7 @@ def float_head(head: dict[str, Any], quantization: dict | None) -> dict[str, Any
                 head.get(f"{stem}.biases"),
                 group_size=quantization["group_size"],
                 bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"),
             ).astype(mx.float32)
         out[key] = value
     return out
@@ -94,7 +101,7 @@ class CrossEncoder(_Embedder):
         for path in weight_files(folder):
             weights.update(mx.load(str(path)))
         prefix = PREFIXES[kind]
-        quantization = config.get("quantization")
+        quantization = quantization_of(config)
         head = float_head({k: v for k, v in weights.items() if k.startswith("classifier.")},
                           quantization)  # fmt: skip
         encoder = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -106,6 +113,7 @@ class CrossEncoder(_Embedder):
                 model,
                 group_size=quantization["group_size"],
                 bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"),
                 class_predicate=lambda path, _module: f"{path}.scales" in encoder,
             )
         model.load_weights(list(encoder.items()))  # strict: every encoder tensor, no other

@@ -66,6 +66,11 @@ def test_mlx_quantized_folders_load_through_the_catalog(tmp_path, name):
     loaded = load_embedding_model(registry.resolve("embedding", "q8")).model
     kinds = {type(m).__name__ for _, m in loaded.model.named_modules()}
     assert "QuantizedLinear" in kinds
+    if loaded.fast is not None:  # BERT's fast path holds float32 copies: counted as memory
+        float_bytes = sum(
+            p[k].nbytes for p in loaded.fast.layers for k in ("w_qkv", "w_out", "w_up", "w_down")
+        )
+        assert loaded.fast.extra_bytes() >= float_bytes
     ref = REFERENCES[name]
     outs = loaded.embed([EmbeddingItem(text=t) for t in ref["texts"]])
     for out, expected in zip(outs, ref["plain"], strict=True):
