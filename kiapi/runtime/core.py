@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 from kiapi.config import Settings
-from kiapi.runtime import blas, engines
+from kiapi.runtime import blas
 from kiapi.runtime.catalog import CAPABILITIES, default_registry
 from kiapi.runtime.errors import ClientGone, ModelNotSetUp, Overloaded, SyncTimeout
 from kiapi.runtime.files import FileStore
@@ -75,7 +75,6 @@ class Runtime:
             )
         ]
         self.jobs = JobStore(max_finished=settings.max_finished_jobs)
-        self._real_engines = loader is load_with_spec_loader
         self.memory = MemoryManager(
             settings.memory_limit_gb,
             default_ttl_s=settings.default_ttl_s,
@@ -166,8 +165,6 @@ class Runtime:
         if not self._warmup:
             self._warm.set()
             return
-        if self._real_engines:  # slow engine imports overlap serving and the first loads
-            engines.prefetch(s.engine for s in self._warmup if s.engine and s.is_set_up())
         job = self.jobs.create("warmup", {"models": [s.name for s in self._warmup]})
         self.worker.submit(job, self._warm_up)
 

@@ -8,10 +8,7 @@ To add an engine: a module with ``load(spec) -> LoadedModel`` and a line in :dat
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import threading
-from collections.abc import Iterable
 
 from kiapi.runtime.errors import ModelNotSetUp
 from kiapi.runtime.registry import LoadedModel, ModelSpec
@@ -31,40 +28,6 @@ REQUIRES: dict[str, tuple[str, ...]] = {
 }
 
 
-# What is worth importing ahead of an engine's first load, on a side thread (:func:`prefetch`):
-# plain modules with a slow import. Never a package kiapi imports in a special way
-# (mlx_embeddings: mlx_engine.architecture() keeps its __init__ from running).
-PREFETCH: dict[str, tuple[str, ...]] = {
-    "mlx-lm": ("mlx_lm.generate",),  # mlx-lm's __init__ pulls in transformers: ~0.8 s
-}
-_prefetching: dict[str, threading.Thread] = {}  # engine -> its prefetch thread
-
-
-def prefetch(engines: Iterable[str]) -> None:
-    """Start importing :data:`PREFETCH`'s modules of ``engines`` on a daemon thread, so their
-    import overlaps serving and the loads of other engines' models. :func:`load` waits for an
-    engine's prefetch before loading with it, so two threads never import one package at the
-    same time (transformers' lazy modules are not safe for that). Call it only after the BLAS
-    is chosen (``blas.activate``); MLX itself is imported here, on the calling thread. A
-    failed import is left for the load to report, with its hint."""
-    wanted = [e for e in dict.fromkeys(engines) if e in PREFETCH and e not in _prefetching]
-    if not wanted:
-        return
-    with contextlib.suppress(Exception):
-        importlib.import_module("mlx.nn")  # shared by every engine: before any other thread
-    modules = list(dict.fromkeys(m for e in wanted for m in PREFETCH[e]))
-
-    def run() -> None:
-        for module in modules:
-            with contextlib.suppress(Exception):
-                importlib.import_module(module)
-
-    thread = threading.Thread(target=run, name="kiapi-prefetch", daemon=True)
-    for engine in wanted:
-        _prefetching[engine] = thread
-    thread.start()
-
-
 def loader_of(engine: str):
     """The load function of ``engine`` (imports its module)."""
     try:
@@ -80,6 +43,4 @@ def load(spec: ModelSpec) -> LoadedModel:
     spec.require_set_up()
     if spec.engine is None:
         raise ModelNotSetUp(f"model {spec.name!r} names no engine")
-    if (thread := _prefetching.get(spec.engine)) is not None:
-        thread.join()
     return loader_of(spec.engine)(spec)
