@@ -54,16 +54,21 @@ def test_vectors_and_token_counts_equal_sentence_transformers(registry, models, 
         np.testing.assert_allclose(vector, expected, atol=2e-4)  # scale too, normalized or not
 
 
-@pytest.mark.parametrize("name", ["bert-embedding", "xlm-roberta-embedding"])
-def test_mlx_quantized_folders_load_through_the_catalog(tmp_path, name):
-    """An MLX-quantized copy (8-bit, as mlx conversions store one) loads through the catalog
-    with quantized layers and stays next to sentence-transformers' float32 vectors."""
+def quantized_copy(tmp_path: Path, name: str, capability: str):
+    """The spec of an 8-bit MLX-quantized copy of tiny model ``name``, through the catalog."""
     folder = tiny_models.quantize_encoder_folder(TINY / name, tmp_path / "q8")
     catalog = tmp_path / "models.toml"
     catalog.write_text(f'[[models]]\nname = "q8"\npath = "{folder}"\n')
     registry = default_registry(None, catalog)
     assert registry.problems == []
-    loaded = load_embedding_model(registry.resolve("embedding", "q8")).model
+    return registry.resolve(capability, "q8")
+
+
+@pytest.mark.parametrize("name", ["bert-embedding", "xlm-roberta-embedding"])
+def test_mlx_quantized_folders_load_through_the_catalog(tmp_path, name):
+    """An MLX-quantized copy (8-bit, as mlx conversions store one) loads through the catalog
+    with quantized layers and stays next to sentence-transformers' float32 vectors."""
+    loaded = load_embedding_model(quantized_copy(tmp_path, name, "embedding")).model
     kinds = {type(m).__name__ for _, m in loaded.model.named_modules()}
     assert "QuantizedLinear" in kinds
     if loaded.fast is not None:  # BERT's fast path holds float32 copies: counted as memory
@@ -83,12 +88,7 @@ def test_mlx_quantized_rerankers_load_through_the_catalog(tmp_path, name):
     sentence-transformers' CrossEncoder on the float32 weights."""
     from kiapi.runtime.rerank_engine import load_reranker
 
-    folder = tiny_models.quantize_encoder_folder(TINY / name, tmp_path / "q8")
-    catalog = tmp_path / "models.toml"
-    catalog.write_text(f'[[models]]\nname = "q8"\npath = "{folder}"\n')
-    registry = default_registry(None, catalog)
-    assert registry.problems == []
-    reranker = load_reranker(registry.resolve("rerank", "q8")).model
+    reranker = load_reranker(quantized_copy(tmp_path, name, "rerank")).model
     assert "QuantizedLinear" in {type(m).__name__ for _, m in reranker.model.named_modules()}
     ref = REFERENCES[name]
     scores, _tokens = reranker.score(ref["query"], ref["documents"])
