@@ -16,8 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, smollm2_gguf  # noqa: E402
 
-from kiapi.runtime.llm_engine import GGUF_GROUP_SIZE, dequantized_float32  # noqa: E402
+from kiapi.runtime.llm_engine import GGUF_GROUP_SIZE  # noqa: E402
 from kiapi.runtime.mlx_import import import_mlx  # noqa: E402
+from kiapi.runtime.mlx_quantized import dequantized_float32  # noqa: E402
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kiapi.runtime.mlx_import import import_mlx
+from kiapi.runtime.mlx_quantized import dequantized_float32
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json
 
@@ -333,27 +334,6 @@ def cpu_modules() -> tuple[type, type]:
             return x @ self.head.T
 
     return ColumnMajorLinear, CpuEmbedding
-
-
-def dequantized_float32(packed: Any, scales: Any, biases: Any, group_size: int, bits: int) -> Any:
-    """``scale * q + bias`` for every packed value, computed in float32.
-
-    MLX packs ``32 // bits`` values into each uint32, the first in the lowest bits. Two
-    reasons not to call ``mx.dequantize``: on the CPU it is slow (``bench/dequantize.py``:
-    3.9 s for SmolLM2's 211 matrices, 0.6 s for this element-wise form), and it computes in the
-    scales' dtype (float16 for GGUF files), so its values are off by up to 4e-3 from the float32
-    expansion llama.cpp and the ``gguf`` package make (this form equals that expansion bit
-    for bit; ``scripts/reference/smollm2_f32_gguf.py``). Widths that do not divide 32 (3, 5,
-    6 bits) straddle words and go through ``mx.dequantize``."""
-    mx = import_mlx()
-    if 32 % bits:
-        return mx.dequantize(packed, scales, biases, group_size, bits).astype(mx.float32)
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    groups = values.reshape(*packed.shape[:-1], scales.shape[-1], group_size)
-    weight = groups.astype(mx.float32) * scales[..., None].astype(mx.float32)
-    weight = weight + biases[..., None].astype(mx.float32)
-    return weight.reshape(*packed.shape[:-1], scales.shape[-1] * group_size)
 
 
 def gguf_tokenizer(tokens: list[str], merges: list[str], types: list[int], pre: str):

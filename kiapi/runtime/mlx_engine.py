@@ -33,6 +33,7 @@ from kiapi.runtime.embedding import EmbeddingItem, EmbeddingVector
 from kiapi.runtime.errors import BadRequest
 from kiapi.runtime.jobs import report_progress
 from kiapi.runtime.mlx_import import import_mlx
+from kiapi.runtime.mlx_quantized import float_linear_weight
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json, weight_files
 
@@ -406,23 +407,6 @@ def fast_bert_applies(model) -> bool:
     return is_bert and mx.default_device().type == mx.DeviceType.cpu
 
 
-def float_weight(linear):
-    """A linear layer's (outputs, inputs) weight as float32: as stored, or expanded from an
-    MLX-quantized layer (``QuantizedLinear``: packed ``weight`` + ``scales``/``biases``).
-    On the CPU the float32 product is the fast one (MLX has no fast CPU quantized matmul)."""
-    mx = import_mlx()
-    if "scales" not in linear:
-        return linear.weight
-    return mx.dequantize(
-        linear.weight,
-        linear.scales,
-        linear.get("biases"),
-        group_size=linear.group_size,
-        bits=linear.bits,
-        mode=getattr(linear, "mode", "affine"),
-    ).astype(mx.float32)
-
-
 class FastBert:
     """The encoder of mlx-embeddings' BERT (``bert.Model``), computed faster on the CPU: same
     weights, same arithmetic up to float rounding; tests compare it with ``bert.Model``.
@@ -436,7 +420,8 @@ class FastBert:
       BLAS on ``cores // streams`` threads each: MLX's element-wise kernels use one core
       each, so one stream per core keeps every core busy;
     * the pooler (unused by mean pooling) is skipped;
-    * an MLX-quantized checkpoint's matrices are expanded to float32 once (:func:`float_weight`).
+    * an MLX-quantized checkpoint's matrices are expanded to float32 once
+      (:func:`kiapi.runtime.mlx_quantized.float_linear_weight`).
 
     Only the worker thread calls it (the streams are MLX's own threads).
     """
@@ -464,18 +449,18 @@ class FastBert:
                 {
                     "w_qkv": mx.concatenate(
                         [
-                            float_weight(att.query) * scale,
-                            float_weight(att.key),
-                            float_weight(att.value),
+                            float_linear_weight(att.query) * scale,
+                            float_linear_weight(att.key),
+                            float_linear_weight(att.value),
                         ]
                     ).T,
                     "b_qkv": mx.concatenate([att.query.bias * scale, att.key.bias, att.value.bias]),
-                    "w_out": float_weight(layer.attention.output.dense).T,
+                    "w_out": float_linear_weight(layer.attention.output.dense).T,
                     "b_out": layer.attention.output.dense.bias,
                     "norm1": layer.attention.output.LayerNorm,
-                    "w_up": float_weight(layer.intermediate.dense).T,
+                    "w_up": float_linear_weight(layer.intermediate.dense).T,
                     "b_up": layer.intermediate.dense.bias,
-                    "w_down": float_weight(layer.output.dense).T,
+                    "w_down": float_linear_weight(layer.output.dense).T,
                     "b_down": layer.output.dense.bias,
                     "norm2": layer.output.LayerNorm,
                 }

@@ -33,6 +33,7 @@ from kiapi.runtime.mlx_engine import (
     release_memory,
 )
 from kiapi.runtime.mlx_import import import_mlx
+from kiapi.runtime.mlx_quantized import dequantized_float32
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json, weight_files
 
@@ -51,22 +52,24 @@ def max_pair_tokens(folder: Path, config: dict[str, Any]) -> int:
 def float_head(head: dict[str, Any], quantization: dict | None) -> dict[str, Any]:
     """The classifier's tensors with any MLX-quantized matrix (``weight`` + ``scales``
     [+ ``biases``]) expanded back to float32: the head is a few small products."""
-    mx = import_mlx()
+    if not quantization:
+        return head
     out = {}
     for key, value in head.items():
-        stem = key.removesuffix(".weight")
-        if key.endswith((".scales", ".biases")) and f"{key.rsplit('.', 1)[0]}.weight" in head:
-            continue
-        if key.endswith(".weight") and f"{stem}.scales" in head and quantization:
-            value = mx.dequantize(
+        stem, _, leaf = key.rpartition(".")
+        quantized = f"{stem}.scales" in head
+        if quantized and leaf in ("scales", "biases"):
+            continue  # folded into the weight below
+        if quantized and leaf == "weight":
+            value = dequantized_float32(
                 value,
                 head[f"{stem}.scales"],
                 head.get(f"{stem}.biases"),
-                group_size=quantization["group_size"],
-                bits=quantization["bits"],
-                mode=quantization.get("mode", "affine"),
-            ).astype(mx.float32)
-        out[key] = value
+                quantization["group_size"],
+                quantization["bits"],
+                quantization.get("mode", "affine"),
+            )
+        out[key] = value  # the expanded weight, a bias, or a matrix stored as float
     return out
 
 

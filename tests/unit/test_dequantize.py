@@ -21,8 +21,8 @@ def numpy_expansion(packed, scales, biases, group_size, bits):
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 3, 6])
 def test_expansion_is_scale_times_value_plus_bias_in_float32(bits):
-    from kiapi.runtime.llm_engine import dequantized_float32
     from kiapi.runtime.mlx_import import import_mlx
+    from kiapi.runtime.mlx_quantized import dequantized_float32
 
     mx = import_mlx()  # kiapi loads its BLAS first: a bare `import mlx.core` would not
 
@@ -65,7 +65,8 @@ def quantized_layers(bias: bool):
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_cpu_layers_compute_with_the_exact_float32_expansion(bias, layout):
-    from kiapi.runtime.llm_engine import cpu_modules, dequantize_for_cpu, dequantized_float32
+    from kiapi.runtime.llm_engine import cpu_modules, dequantize_for_cpu
+    from kiapi.runtime.mlx_quantized import dequantized_float32
 
     mx, model = quantized_layers(bias)
     emb, proj = model.embed_tokens, model.proj
