@@ -199,9 +199,6 @@ def builtin_spec(entry: Any, where: Where) -> ModelSpec:
     for key in ("capability", "engine", "repo"):
         if key not in entry:
             raise where.error(None, f"a built-in entry needs {key!r}")
-    capability, engine = entry["capability"], entry["engine"]
-    if entry.get("default_prompt", None) not in (None, *entry.get("prompts", {})):
-        raise where.error("default_prompt", "names no prompt of this model")
     source_fields = {
         key: entry[key]
         for key in ("package", "package_dir", "package_install", "requires_install", "filename")
@@ -209,40 +206,18 @@ def builtin_spec(entry: Any, where: Where) -> ModelSpec:
     }
     source = WeightSource(
         entry["repo"],
-        requires=(*REQUIRES[engine], *entry.get("extra_requires", [])),
+        requires=(*REQUIRES[entry["engine"]], *entry.get("extra_requires", [])),
         **source_fields,
     )
-    return ModelSpec(
-        name=entry["name"],
-        family=capability,
-        domain="text" if capability == "chat" else capability,
-        repo=entry["repo"],
-        aliases=tuple(entry.get("aliases", [])),
-        features=tuple(entry.get("features", ["text"])),
-        default=entry.get("default", False),
-        weight_gb=float(entry.get("weight_gb", 0.0)),
-        peak_headroom_gb=float(entry.get("peak_headroom_gb", 0.0)),
-        priority=entry.get("priority", 0),
-        ttl_s=float(entry["ttl_s"]) if "ttl_s" in entry else None,
-        engine=engine,
-        source=source,
-        pooling=entry.get("pooling"),
-        dimensions_min=entry.get("dimensions_min"),
-        dimensions_max=entry.get("dimensions_max"),
-        normalize=entry.get("normalize", True),
-        max_tokens=entry.get("max_tokens"),
-        prompts=tuple(entry.get("prompts", {}).items()),
-        default_prompt=entry.get("default_prompt"),
-        instruction_template=entry.get("instruction_template"),
-    )
+    return to_spec(entry, {}, where, capability=entry["capability"], engine=entry["engine"],
+                   repo=entry["repo"], source=source, origin="built-in")  # fmt: skip
 
 
 def entry_spec(entry: Any, where: Where, *, base: Path) -> ModelSpec:
-    """One checked entry as a :class:`ModelSpec` (fields left out detected from its files)."""
+    """One checked entry of a user's file as a :class:`ModelSpec` (fields left out detected
+    from the model's files)."""
     check_entry(entry, where, FIELDS)
-    name, prompts, aliases = entry["name"], entry.get("prompts", {}), entry.get("aliases", [])
-    capability, pooling = entry.get("capability"), entry.get("pooling")
-    template = entry.get("instruction_template")
+    name, capability = entry["name"], entry.get("capability")
     if "path" in entry:
         folder = Path(entry["path"]).expanduser()
         folder = folder if folder.is_absolute() else base / folder
@@ -263,10 +238,6 @@ def entry_spec(entry: Any, where: Where, *, base: Path) -> ModelSpec:
             raise where.error("capability", "cannot be detected before the model is in the "
                               "local cache; set it")  # fmt: skip
         capability = detected.capability
-    if "default_prompt" in entry and entry["default_prompt"] not in (
-        prompts or (detected.prompts if detected else {})
-    ):
-        raise where.error("default_prompt", "names no prompt of this model")
     engine = (
         detected.engine if detected else ("mlx-lm" if capability == "chat" else "mlx-embeddings")
     )
@@ -276,29 +247,63 @@ def entry_spec(entry: Any, where: Where, *, base: Path) -> ModelSpec:
         requires=REQUIRES[engine],
         filename=detected.filename if detected else None,
     )
+    found = {
+        "features": detected.features,
+        "pooling": detected.pooling,
+        "normalize": detected.normalize,
+        "prompts": detected.prompts,
+        "default_prompt": detected.default_prompt,
+    } if detected else {}  # fmt: skip
     line = where.lines.get("")
+    origin = f"{where.path}:{line}" if line else str(where.path)
+    return to_spec(entry, found, where, capability=capability, engine=engine, repo=repo,
+                   source=source, origin=origin)  # fmt: skip
+
+
+def to_spec(
+    entry: dict[str, Any],
+    found: dict[str, Any],
+    where: Where,
+    *,
+    capability: str,
+    engine: str,
+    repo: str,
+    source: WeightSource,
+    origin: str,
+) -> ModelSpec:
+    """The spec of a checked entry: each field as the entry states it, else as ``found`` (what
+    the model's own files say), else its default."""
+
+    def pick(key: str, default: Any = None) -> Any:
+        value = entry.get(key)
+        return value if value is not None else found.get(key, default)
+
+    prompts = entry.get("prompts") or found.get("prompts") or {}
+    if "default_prompt" in entry and entry["default_prompt"] not in prompts:
+        raise where.error("default_prompt", "names no prompt of this model")
     return ModelSpec(
-        name=name,
+        name=entry["name"],
         family=capability,
         domain="text" if capability == "chat" else capability,
         repo=repo,
-        aliases=tuple(aliases),
-        features=detected.features if detected else ("text",),
+        aliases=tuple(entry.get("aliases", [])),
+        features=tuple(pick("features", ("text",))),
         default=entry.get("default", False),
         weight_gb=float(entry.get("weight_gb", 0.0)),
-        peak_headroom_gb=0.2,
+        peak_headroom_gb=float(entry.get("peak_headroom_gb", 0.2)),
         priority=entry.get("priority", 0),
         ttl_s=float(entry["ttl_s"]) if "ttl_s" in entry else None,
         engine=engine,
         source=source,
-        pooling=pooling or (detected.pooling if detected else None),
+        pooling=pick("pooling"),
         dimensions_min=entry.get("dimensions_min"),
-        normalize=entry.get("normalize", detected.normalize if detected else True),
+        dimensions_max=entry.get("dimensions_max"),
+        normalize=pick("normalize", True),
         max_tokens=entry.get("max_tokens"),
-        prompts=tuple((prompts or (detected.prompts if detected else {})).items()),
-        default_prompt=entry.get("default_prompt", detected.default_prompt if detected else None),
-        instruction_template=template,
-        origin=f"{where.path}:{line}" if line else str(where.path),
+        prompts=tuple(prompts.items()),
+        default_prompt=pick("default_prompt"),
+        instruction_template=entry.get("instruction_template"),
+        origin=origin,
     )
 
 
