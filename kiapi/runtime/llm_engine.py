@@ -198,13 +198,15 @@ def dequantize_for_cpu(model: Any, layout: str | None = None, timer=None) -> str
 
     Decoding multiplies a few rows by every matrix, so it streams the weights from memory, and
     which storage OpenBLAS streams faster depends on the CPU (``bench/decode_profile.py``):
-    ``rows`` keeps ``nn.Linear``'s (outputs, inputs) matrices (``x @ W.T``: 47 ms per token
-    for SmolLM2 on an AMD EPYC, against 68 for the other); ``columns`` stores them transposed,
-    (inputs, outputs) row-major (:class:`ColumnMajorLinear`, ``x @ Wt``: the faster one on a
-    Cooper Lake Xeon). ``layout=None`` measures both on the model's own first matrices
-    (:func:`faster_layout`, ~0.1 s) and keeps the faster. A quantized embedding keeps its
-    packed table for lookups and, when the model ties its output head to it (no
-    ``lm_head``), holds the head as a float32 copy in the same layout (:class:`CpuEmbedding`)."""
+    ``rows`` keeps ``nn.Linear``'s (outputs, inputs) matrices (``x @ W.T``: 39-47 ms of
+    products per token for SmolLM2 on an AMD EPYC, against 54-76 for the other); ``columns``
+    stores them transposed, (inputs, outputs) row-major (:class:`ColumnMajorLinear`,
+    ``x @ Wt``: the faster one on a Cooper Lake Xeon). ``layout=None`` measures both on the
+    model's own first matrices (:func:`faster_layout`: 5 rounds over 192 MiB; loading SmolLM2
+    took 0.9-1.2 s with it or with the layout fixed, by hand) and keeps the faster. A
+    quantized embedding keeps its packed table for lookups and, when the model ties its output
+    head to it (no ``lm_head``), holds the head as a float32 copy in the same layout
+    (:class:`CpuEmbedding`)."""
     import_mlx()
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
