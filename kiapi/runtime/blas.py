@@ -277,9 +277,14 @@ def activate(setting: str = AUTO) -> BlasStatus:
         return _status
 
 
+def loaded_library() -> ctypes.CDLL | None:
+    """The BLAS library kiapi loaded for MLX (its ``cblas_sgemm`` is MLX's), or None."""
+    return _loaded.get(_status.path) if _status is not None and _status.path else None
+
+
 def threads() -> int | None:
     """How many threads the active OpenBLAS uses per call (None: not OpenBLAS, or not told)."""
-    lib = _loaded.get(_status.path) if _status is not None and _status.path else None
+    lib = loaded_library()
     getter = getattr(lib, "openblas_get_num_threads", None) if lib is not None else None
     return int(getter()) if getter is not None else None
 
@@ -292,7 +297,7 @@ def set_threads(count: int) -> bool:
     whoever narrows it restores all cores before returning (the BLAS is process-wide: the
     next model on the worker, a chat decode step, streams its weights on every core).
     """
-    lib = _loaded.get(_status.path) if _status is not None and _status.path else None
+    lib = loaded_library()
     setter = getattr(lib, "openblas_set_num_threads", None) if lib is not None else None
     if setter is None:
         return False

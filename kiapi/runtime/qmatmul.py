@@ -1,0 +1,413 @@
+"""Matrix products on MLX-quantized weights on the CPU, through kiapi's own kernel.
+
+MLX's CPU backend multiplies quantized matrices one scalar at a time on one thread (4-bit
+SmolLM2: 80-136 ms of products per decoded token, slower than the float32 expansion), so the
+chat engine used to hold its weights as float32 (540 MB for a 135M model) and stream them
+through the BLAS. ``qmatmul.c`` (package data, beside this module) multiplies the packed
+4- and 8-bit weights directly: widened to floats in registers, a 32-value block at a time,
+each weight row read once for every row of ``x``, rows split over the cores with OpenMP.
+
+* :func:`kernel` compiles it once per machine with the C compiler (``$CC``, else ``cc``),
+  ``-O3 -march=native``, into kiapi's cache folder (written to a temporary file and renamed,
+  so a crash never leaves half a library), keyed by the source, the flags, the compiler and
+  the CPU, and loads it with ``ctypes``. No compiler, or a failed build: ``None``, and the
+  engine keeps its float32 weights (MLX's own ``mx.compile`` needs the same compiler).
+* :class:`PackedLinear` (from :func:`packed_modules`) is an ``nn.Linear`` stand-in over the
+  packed tensors. A few rows (decoding: one per sequence) run the kernel at once: MLX
+  evaluates ``x``, the kernel reads it and the weights in place (NumPy views of MLX's
+  buffers, no copy) and writes the product, which becomes a new MLX array. Many rows
+  (prefill) expand the matrix to float32 into a scratch buffer and run the BLAS's
+  ``sgemm`` on it. A tied output head (:class:`PackedEmbedding`) over many rows stays lazy
+  (MLX's own quantized matmul): mlx-lm's prefill never evaluates those logits, so a
+  prompt's 255 rows of vocabulary products are never computed.
+
+Only the worker thread calls these modules (they run inside a model's forward pass); the
+scratch buffer belongs to that thread. MLX is imported lazily, in functions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kiapi.runtime import blas
+from kiapi.runtime.mlx_import import import_mlx
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("qmatmul.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
+OPENMP = "-fopenmp"
+KERNEL_ROWS = 16  # more rows than this: expand the matrix and run the BLAS (prefill)
+BITS = (4, 8)
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on (the kernel's OpenMP threads)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags")]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC") or "cc")
+
+
+def cache_folder() -> Path:
+    return blas.cache_folder().parent / "kernels"
+
+
+def build(compiler: str, folder: Path) -> Path:
+    """Compile ``qmatmul.c`` into ``folder`` (once per key) and return the library's path.
+
+    Raises ``subprocess.CalledProcessError``/``OSError`` when it cannot be built."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout
+    source = SOURCE.read_bytes()
+    for flags in ((*FLAGS, OPENMP), FLAGS):  # OpenMP where the compiler has it
+        key = hashlib.sha256(
+            b"\0".join(
+                [source, " ".join(flags).encode(), version.encode(), _cpu_identity().encode()]
+            )
+        ).hexdigest()[:16]
+        target = folder / key / "libkiapi_qmatmul.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+        os.close(handle)
+        try:
+            done = subprocess.run(
+                [compiler, *flags, "-o", partial, str(SOURCE)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if done.returncode == 0:
+                os.replace(partial, target)
+                return target
+            last_error = done.stderr.strip()[-2000:]
+        finally:
+            Path(partial).unlink(missing_ok=True)
+    raise OSError(f"{compiler} could not build {SOURCE.name}: {last_error}")
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (no C compiler, a failed build: logged once)."""
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C compiler (cc, or $CC): chat weights stay float32 on the CPU")
+        return None
+    with _lock:
+        try:
+            path = build(compiler, cache_folder())
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError) as error:
+            log.warning("quantized CPU kernel unavailable (%s): float32 weights instead", error)
+            return None
+    pointer, number = ctypes.c_void_p, ctypes.c_int
+    lib.kiapi_supported.argtypes = [number, number]
+    lib.kiapi_qgemv.argtypes = [pointer, number, number, pointer, pointer, pointer]
+    lib.kiapi_qgemv.argtypes += [number, number, number, pointer, pointer, number]
+    lib.kiapi_qgemv.restype = None
+    lib.kiapi_dequantize.argtypes = [pointer, pointer, pointer, number, number, number]
+    lib.kiapi_dequantize.argtypes += [number, pointer, number]
+    lib.kiapi_dequantize.restype = None
+    return lib
+
+
+def supported(bits: int, group_size: int, mode: str = "affine") -> bool:
+    """Whether the kernel multiplies tensors quantized this way (and is available)."""
+    lib = kernel()
+    return lib is not None and mode == "affine" and bool(lib.kiapi_supported(bits, group_size))
+
+
+class _Buffers(threading.local):
+    """Per-thread buffers, grown as needed: the float32 matrix a prefill product expands
+    into (``scratch``), and the kernel's copy of ``x`` (``work``)."""
+
+    scratch: Any = None
+    work: Any = None
+
+
+_buffers = _Buffers()
+
+
+def _buffer(name: str, size: int) -> Any:
+    import numpy as np
+
+    buffer = getattr(_buffers, name)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(size, dtype=np.float32)
+        setattr(_buffers, name, buffer)
+    return buffer
+
+
+def _sgemm():
+    """``cblas_sgemm`` of the BLAS MLX uses (kiapi's OpenBLAS), or None."""
+    lib = blas.loaded_library()
+    return getattr(lib, "cblas_sgemm", None) if lib is not None else None
+
+
+class PackedMatrix:
+    """An (outputs, inputs) MLX-quantized matrix held packed, with NumPy views of its
+    buffers for the kernel. ``weight`` (uint32), ``scales`` and ``biases`` (float32) are MLX
+    arrays: their memory is MLX's, and counts in its active memory like any weight. The
+    arrays never change after construction (the kernel holds their addresses)."""
+
+    def __init__(self, weight: Any, scales: Any, biases: Any, group_size: int, bits: int):
+        import numpy as np
+
+        mx = import_mlx()
+        self.weight = mx.contiguous(weight)
+        self.scales = mx.contiguous(scales.astype(mx.float32))
+        self.biases = mx.contiguous(biases.astype(mx.float32))
+        mx.eval(self.weight, self.scales, self.biases)
+        self.group_size, self.bits = group_size, bits
+        self.outputs = int(weight.shape[0])
+        self.inputs = int(scales.shape[-1]) * group_size
+        self._views = [np.array(a, copy=False) for a in (self.weight, self.scales, self.biases)]
+        # the kernel's fixed arguments, as ctypes objects (no conversion per call)
+        c = ctypes
+        self._fixed = (
+            c.c_int(self.inputs), *(c.c_void_p(v.ctypes.data) for v in self._views),
+            c.c_int(self.outputs), c.c_int(group_size), c.c_int(bits),
+        )  # fmt: skip
+
+    @classmethod
+    def stacked(cls, modules: Sequence[Any]) -> PackedMatrix:
+        """One matrix holding the rows of several quantized linear layers in order (layers
+        that multiply the same input: one pass over ``x`` for all of them)."""
+        mx = import_mlx()
+        first = modules[0]
+        return cls(
+            mx.concatenate([m.weight for m in modules]),
+            mx.concatenate([m.scales for m in modules]),
+            mx.concatenate([m.biases for m in modules]),
+            first.group_size,
+            first.bits,
+        )
+
+    def matmul(self, x: Any) -> Any:
+        """``x @ W.T`` for ``x`` (..., inputs), evaluated now."""
+        import numpy as np
+
+        mx = import_mlx()
+        lead = x.shape[:-1]
+        if x.dtype != mx.float32:
+            x = x.astype(mx.float32)
+        mx.eval(x)
+        x_view = np.ascontiguousarray(np.array(x, copy=False).reshape(-1, self.inputs))
+        rows = x_view.shape[0]
+        out = np.empty((rows, self.outputs), dtype=np.float32)
+        lib = kernel()
+        sgemm = _sgemm() if rows > KERNEL_ROWS else None
+        c = ctypes
+        if sgemm is None:
+            work = _buffer("work", rows * (self.inputs + self.inputs // self.group_size))
+            lib.kiapi_qgemv(
+                c.c_void_p(x_view.ctypes.data), c.c_int(rows), *self._fixed,
+                c.c_void_p(out.ctypes.data), c.c_void_p(work.ctypes.data),
+                c.c_int(cpu_threads()),
+            )  # fmt: skip
+        else:
+            full = _buffer("scratch", self.outputs * self.inputs)
+            # one thread: the BLAS's own threads run the product next, and two thread pools
+            # taking turns on the same cores wait on each other's spinning (5-10x slower)
+            self._dequantize_into(full, threads=1)
+            _call_sgemm(sgemm, x_view, full, out, rows, self.outputs, self.inputs)
+        return mx.array(out).reshape(*lead, self.outputs)
+
+    def _dequantize_into(self, out: Any, threads: int) -> None:
+        _, weight, scales, biases, outputs, group, bits = self._fixed
+        kernel().kiapi_dequantize(
+            weight, scales, biases, outputs, self._fixed[0], group, bits,
+            ctypes.c_void_p(out.ctypes.data), ctypes.c_int(threads),
+        )  # fmt: skip
+
+    def dequantized(self) -> Any:
+        """The float32 (outputs, inputs) matrix, as an MLX array (tests, measurements)."""
+        import numpy as np
+
+        mx = import_mlx()
+        out = np.empty((self.outputs, self.inputs), dtype=np.float32)
+        self._dequantize_into(out, threads=cpu_threads())
+        return mx.array(out)
+
+
+class SharedInput:
+    """The product of one :class:`PackedMatrix` stacked from sibling layers (a block's
+    query, key and value projections; an MLP's gate and up projections) with the input they
+    share, computed once: mlx-lm's blocks call ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)``
+    with the same array, so the first call computes every sibling's rows and the others
+    slice them. A call with another array computes the whole product again (correct, only
+    slower). Holds the last input and product (one hidden state, released by the next)."""
+
+    def __init__(self, matrix: PackedMatrix) -> None:
+        self.matrix = matrix
+        self._x: Any = None
+        self._y: Any = None
+
+    def product(self, x: Any) -> Any:
+        if x is not self._x:
+            self._y = self.matrix.matmul(x)
+            self._x = x
+        return self._y
+
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enums
+
+
+def _call_sgemm(sgemm, x, w, out, rows: int, outputs: int, inputs: int) -> None:
+    """``out = x @ w[:outputs*inputs].reshape(outputs, inputs).T`` through cblas_sgemm."""
+    number, single, pointer = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    sgemm(
+        number(ROW_MAJOR), number(NO_TRANS), number(TRANS), number(rows), number(outputs),
+        number(inputs), single(1.0), pointer(x.ctypes.data), number(inputs),
+        pointer(w.ctypes.data), number(inputs), single(0.0), pointer(out.ctypes.data),
+        number(outputs),
+    )  # fmt: skip
+
+
+# Sibling layers mlx-lm's decoder blocks call with one input (Hugging Face names).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def pack_linears(linears: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``(path, PackedLinear)`` for every ``(path, QuantizedLinear)``; siblings (same parent,
+    names in :data:`SIBLINGS`, same quantization, no bias) share one stacked matrix."""
+    packed_linear, _ = packed_modules()
+    by_path = dict(linears)
+    out: dict[str, Any] = {}
+    for path, module in linears:
+        if path in out:
+            continue
+        parent, _, name = path.rpartition(".")
+        for names in SIBLINGS:
+            if name not in names:
+                continue
+            paths = [f"{parent}.{n}" if parent else n for n in names]
+            group = [by_path.get(p) for p in paths]
+            if (
+                all(g is not None and "bias" not in g for g in group)
+                and len({(g.bits, g.group_size) for g in group}) == 1
+            ):
+                shared = SharedInput(PackedMatrix.stacked(group))
+                start = 0
+                for index, (p, g) in enumerate(zip(paths, group, strict=True)):
+                    rows = int(g.weight.shape[0])
+                    out[p] = packed_linear(
+                        shared=shared, rows=(start, start + rows), owner=index == 0
+                    )
+                    start += rows
+            break
+        if path not in out:
+            out[path] = packed_linear(module)
+    return [(path, out[path]) for path, _ in linears]
+
+
+@functools.cache
+def packed_modules() -> tuple[type, type]:
+    """``(PackedLinear, PackedEmbedding)``, defined once MLX is imported (lazily)."""
+    import_mlx()
+    import mlx.nn as nn
+
+    class PackedLinear(nn.Module):
+        """``x @ W.T (+ b)`` over a packed quantized ``W`` (see the module docstring).
+
+        Alone (``quantized``): holds its MLX arrays as parameters and a
+        :class:`PackedMatrix` over them. As a sibling (``shared``, ``rows``): its output is
+        ``rows`` of the shared product; the first sibling (``owner``) holds the stacked
+        arrays as its parameters, so the model's parameters list each array once."""
+
+        def __init__(
+            self,
+            quantized: Any = None,
+            *,
+            shared: SharedInput | None = None,
+            rows: tuple[int, int] | None = None,
+            owner: bool = True,
+        ) -> None:
+            super().__init__()
+            if shared is None:
+                shared = SharedInput(
+                    PackedMatrix(
+                        quantized.weight, quantized.scales, quantized.biases,
+                        quantized.group_size, quantized.bits,
+                    )
+                )  # fmt: skip
+                if "bias" in quantized:
+                    self.bias = quantized.bias
+            self._shared, self._rows = shared, rows
+            if owner:
+                matrix = shared.matrix
+                self.weight, self.scales, self.biases = matrix.weight, matrix.scales, matrix.biases
+
+        def __call__(self, x: Any) -> Any:
+            y = self._shared.product(x)
+            if self._rows is not None:
+                y = y[..., self._rows[0] : self._rows[1]]
+            return y + self.bias if "bias" in self else y
+
+    class PackedEmbedding(nn.Module):
+        """A quantized embedding table: lookups expanded to float32 exactly as
+        :func:`kiapi.runtime.mlx_quantized.dequantized_float32` does; ``as_linear`` (a tied
+        output head) through the kernel for a few rows, lazily through MLX's quantized
+        matmul for many (prefill's logits, which nothing evaluates)."""
+
+        def __init__(self, quantized: Any) -> None:
+            super().__init__()
+            self.group_size, self.bits = quantized.group_size, quantized.bits
+            self._matrix = PackedMatrix(
+                quantized.weight, quantized.scales, quantized.biases, self.group_size, self.bits
+            )
+            self.weight = self._matrix.weight
+            self.scales, self.biases = self._matrix.scales, self._matrix.biases
+
+        def __call__(self, ids: Any) -> Any:
+            from kiapi.runtime.mlx_quantized import dequantized_float32
+
+            return dequantized_float32(
+                self.weight[ids], self.scales[ids], self.biases[ids], self.group_size, self.bits
+            )
+
+        def as_linear(self, x: Any) -> Any:
+            rows = 1
+            for size in x.shape[:-1]:
+                rows *= int(size)
+            if rows <= KERNEL_ROWS:
+                return self._matrix.matmul(x)
+            mx = import_mlx()
+            return mx.quantized_matmul(
+                x.astype(mx.float32), self.weight, self.scales, self.biases, transpose=True,
+                group_size=self.group_size, bits=self.bits,
+            )  # fmt: skip
+
+    return PackedLinear, PackedEmbedding

@@ -1,0 +1,179 @@
+"""kiapi's quantized CPU kernel (``kiapi/runtime/qmatmul.c``, compiled at first use) against
+NumPy on the same values: the expansion is ``scale * q + bias`` bit for bit, the products agree
+to float32 rounding for 4- and 8-bit weights, group sizes 32-128, one to many rows (the kernel
+for a few, the BLAS on the expansion for many), and the layers built on it (siblings sharing
+one stacked matrix, a tied head) compute what the float32 layers compute."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.unit.test_dequantize import numpy_expansion, quantized_layers
+
+
+@pytest.fixture(scope="module")
+def mx():
+    from kiapi.runtime import qmatmul
+    from kiapi.runtime.mlx_import import import_mlx
+
+    assert qmatmul.kernel() is not None, "the kernel needs a C compiler (cc), as mx.compile does"
+    return import_mlx()
+
+
+def quantized(mx, outputs: int, inputs: int, bits: int, group_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    dense = mx.array(rng.standard_normal((outputs, inputs)).astype(np.float32))
+    return mx.quantize(dense, group_size=group_size, bits=bits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_the_expansion_is_exact(mx, bits, group_size):
+    from kiapi.runtime.qmatmul import PackedMatrix
+
+    packed, scales, biases = quantized(mx, 40, 256, bits, group_size)
+    matrix = PackedMatrix(packed, scales, biases, group_size, bits)
+    expected = numpy_expansion(packed, scales, biases, group_size, bits)
+    assert np.array_equal(np.array(matrix.dequantized()), expected)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 40])
+def test_products_agree_with_numpy(mx, bits, group_size, rows):
+    """Inputs of 96 (group 32: an odd count of 32-value blocks, the kernel's tail) or 384;
+    up to 16 rows run the kernel (in sweeps of 8), more the BLAS on the expansion."""
+    from kiapi.runtime.qmatmul import PackedMatrix
+
+    inputs = 96 if group_size == 32 else 384
+    packed, scales, biases = quantized(mx, 72, inputs, bits, group_size, seed=rows)
+    weight = numpy_expansion(packed, scales, biases, group_size, bits).astype(np.float64)
+    x = np.random.default_rng(rows).standard_normal((2, rows, inputs)).astype(np.float32)
+    ours = PackedMatrix(packed, scales, biases, group_size, bits).matmul(mx.array(x))
+    assert ours.shape == (2, rows, 72) and ours.dtype == mx.float32
+    expected = x.astype(np.float64) @ weight.T
+    scale = np.abs(x).astype(np.float64) @ np.abs(weight).T  # the sum's magnitude
+    assert (np.abs(np.array(ours) - expected) <= 1e-6 * scale + 1e-6).all()
+
+
+def test_unsupported_quantizations_are_refused(mx):
+    from kiapi.runtime import qmatmul
+
+    assert qmatmul.supported(4, 32) and qmatmul.supported(8, 128)
+    assert not qmatmul.supported(3, 32)  # values straddle words
+    assert not qmatmul.supported(4, 16)  # smaller than a block
+    assert not qmatmul.supported(4, 32, mode="mxfp4")
+
+
+def sibling_layers(mx):
+    import mlx.nn as nn
+
+    class Block(nn.Module):  # the names mlx-lm's attention and MLP use
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(64, 64, bias=False)
+            self.k_proj = nn.Linear(64, 32, bias=False)
+            self.v_proj = nn.Linear(64, 32, bias=False)
+            self.o_proj = nn.Linear(64, 64, bias=False)
+
+    mx.random.seed(5)
+    block = Block()
+    nn.quantize(block, group_size=32, bits=4)
+    return block
+
+
+def test_siblings_share_one_product(mx):
+    from mlx.utils import tree_flatten
+
+    from kiapi.runtime import qmatmul
+
+    block = sibling_layers(mx)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    weights = {
+        n: numpy_expansion(block[n].weight, block[n].scales, block[n].biases, 32, 4) for n in names
+    }
+    packed = dict(qmatmul.pack_linears([(n, block[n]) for n in names]))
+    x = mx.array(np.random.default_rng(1).standard_normal((1, 2, 64)).astype(np.float32))
+    other = mx.array(np.random.default_rng(2).standard_normal((1, 2, 64)).astype(np.float32))
+    calls = []
+    shared = packed["q_proj"]._shared
+    original = shared.matrix.matmul
+    shared.matrix.matmul = lambda a: calls.append(a) or original(a)
+
+    q, k, v = packed["q_proj"](x), packed["k_proj"](x), packed["v_proj"](x)
+    assert len(calls) == 1  # one pass over x for the three
+    k_other = packed["k_proj"](other)  # another input: computed for it, not the cached one
+    assert len(calls) == 2
+    checks = [("q_proj", q, x), ("k_proj", k, x), ("v_proj", v, x), ("k_proj", k_other, other)]
+    for name, got, inp in [*checks, ("o_proj", packed["o_proj"](x), x)]:
+        expected = np.array(inp) @ weights[name].T
+        assert np.abs(np.array(got) - expected).max() < 1e-4, name
+    # the stacked arrays are parameters once (the first sibling's), o_proj's its own
+    params = dict(tree_flatten({n: m.parameters() for n, m in packed.items()}))
+    assert sorted(params) == [f"{n}.{a}" for n in ("o_proj", "q_proj") for a in
+                              ("biases", "scales", "weight")]  # fmt: skip
+    assert params["q_proj.weight"].shape[0] == 128
+
+
+def test_a_packed_model_computes_what_the_float32_one_does(mx):
+    """The tiny model of ``test_dequantize`` (a tied head, one linear layer), packed: lookups
+    stay exact, and the head runs the kernel for a few rows and MLX's quantized matmul
+    (lazy) for many."""
+    from kiapi.runtime.llm_engine import dequantize_for_cpu
+    from kiapi.runtime.mlx_quantized import dequantized_float32
+    from kiapi.runtime.qmatmul import KERNEL_ROWS, packed_modules
+
+    for bias in (False, True):
+        _, model = quantized_layers(bias)
+        emb, proj = model.embed_tokens, model.proj
+        table = np.array(dequantized_float32(emb.weight, emb.scales, emb.biases, 32, 4))
+        weight = np.array(dequantized_float32(proj.weight, proj.scales, proj.biases, 32, 4))
+        bias_value = np.array(proj.bias) if bias else 0
+        assert dequantize_for_cpu(model, "packed") == "packed"
+        packed_linear, packed_embedding = packed_modules()
+        assert isinstance(model.proj, packed_linear)
+        assert isinstance(model.embed_tokens, packed_embedding)
+        for length in (1, KERNEL_ROWS + 4):
+            ids = mx.array([[3, 0, 39, 7] * length][:1])[:, :length]
+            rows = table[np.array(ids)]
+            expected = (rows @ weight.T + bias_value)[..., :64] @ table.T
+            assert np.array_equal(np.array(model.embed_tokens(ids)), rows)
+            assert np.abs(np.array(model(ids)) - expected).max() < 1e-4
+
+
+def test_the_packed_layout_needs_the_kernel_for_every_layer(mx):
+    import mlx.nn as nn
+
+    from kiapi.runtime.llm_engine import dequantize_for_cpu
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    nn.quantize(model, group_size=32, bits=3)
+    with pytest.raises(ValueError, match="kernel for every layer"):
+        dequantize_for_cpu(model, "packed")
+    assert dequantize_for_cpu(model) in ("rows", "columns")  # measured: float32 only
+
+
+def test_a_missing_compiler_leaves_float32_weights(monkeypatch, tmp_path):
+    from kiapi.runtime import qmatmul
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    qmatmul.kernel.cache_clear()
+    try:
+        assert qmatmul.kernel() is None
+        assert not qmatmul.supported(4, 32)
+    finally:
+        monkeypatch.delenv("CC")
+        qmatmul.kernel.cache_clear()
+    assert qmatmul.kernel() is not None
+
+
+def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
+    from kiapi.runtime import qmatmul
+
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(qmatmul, "SOURCE", broken)
+    with pytest.raises(OSError, match="could not build"):
+        qmatmul.build("cc", tmp_path / "kernels")
+    assert not [p for p in (tmp_path / "kernels").rglob("*") if p.is_file()]
