@@ -2,25 +2,30 @@
 
     .venv/bin/python bench/decode_profile.py
 
-Loads the bundled GGUF through kiapi's loader and prints, per decoded token at batch 1 and 8:
+Loads the bundled GGUF through kiapi's loader twice, with its weights packed (4/8 bits, kiapi's
+quantized kernel: what the load-time measurement keeps where the kernel builds) and as float32
+rows (``nn.Linear``'s layout, the fallback), and prints, per decoded token at batch 1 and 8:
 
-* the whole step (``model(token, cache)`` and the argmax), in-process, no server;
-* the matrix products alone: every weight matrix of the model (211, with the tied output head)
-  multiplied through MLX as kiapi stores it (float32, transposed: ``x @ Wt``), as
-  ``nn.Linear`` stores it (``x @ W.T``), as MLX's 4-bit quantized matmul runs it, and through
-  NumPy's BLAS ``sgemv`` (batch 1), which is what the memory bandwidth allows;
-* what is left for the other MLX ops of a step (norms, rotary embedding, attention, the
-  cache update);
-* a steady greedy loop over a growing cache, with mlx-lm's plain ``KVCache`` and with the
-  ``BatchKVCache`` its ``BatchGenerator`` (kiapi's continuous batch) uses.
+* the whole step (``model(token, cache)`` and the argmax), in-process, no server, each layout;
+* the matrix products alone, every weight matrix of the model (211 with the tied output head):
+  through kiapi's kernel as the packed model holds them (q/k/v and gate/up stacked: 121
+  products), through MLX on float32 as rows (``x @ W.T``) and as columns (``x @ Wt``), through
+  MLX's own 4-bit ``quantized_matmul``, and through NumPy's BLAS ``sgemv`` on float32
+  (batch 1: what the memory bandwidth allows for 538 MB);
+* the packed step taken apart: the kernel's own time, kiapi's Python around it (evaluating the
+  input, NumPy views, the result back into MLX) and the other MLX ops (norms, rotary embedding,
+  attention, the cache update, SiLU);
+* a steady greedy loop over a growing cache with mlx-lm's ``BatchKVCache`` (what kiapi's
+  continuous batch uses), and the prefill of a 255-token prompt, each layout.
 
-Each table figure is the best of 3 rounds. Prints a table and the loop's figures.
+Each table figure is the best of 3 rounds.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,9 +47,22 @@ def best_ms(fn, repeats: int, rounds: int = 3) -> float:
     return best * 1000
 
 
+def packed_matrices(model) -> list:
+    """The :class:`PackedMatrix` objects a packed model multiplies by, each once."""
+    from kiapi.runtime import qmatmul
+
+    seen: dict[int, object] = {}
+    for _, module in model.named_modules():
+        shared = getattr(module, "_shared", None)
+        matrix = shared.matrix if shared is not None else getattr(module, "_matrix", None)
+        if isinstance(matrix, qmatmul.PackedMatrix):
+            seen[id(matrix)] = matrix
+    return list(seen.values())
+
+
 def main() -> None:
     from kiapi.config import Settings
-    from kiapi.runtime import blas
+    from kiapi.runtime import blas, qmatmul
 
     status = blas.activate(Settings(_env_file=None).blas)
     mx = import_mlx()
@@ -54,21 +72,20 @@ def main() -> None:
 
     from kiapi.runtime.llm_engine import load_gguf
 
-    chat = load_gguf(smollm2_gguf())
-    model = chat.model
-    ids = chat.encode(PROMPT)
-    flat = tree_flatten(model.parameters())
-    # every weight matrix as (inputs, outputs), whichever layout the loader chose
-    if chat.weight_layout == "columns":
-        stored = [a for name, a in flat if name.endswith(("weight_t", "head_t"))]
-    else:
-        stored = [
-            mx.contiguous(a.T)
-            for name, a in flat
-            if name.endswith((".weight", ".head")) and a.ndim == 2 and a.dtype == mx.float32
-        ]
+    models = {layout: load_gguf(smollm2_gguf(), layout=layout) for layout in ("packed", "rows")}
+    ids = models["rows"].encode(PROMPT)
+    flat = tree_flatten(models["rows"].model.parameters())
+    named = {
+        name: a
+        for name, a in flat
+        if name.endswith((".weight", ".head")) and a.ndim == 2 and a.dtype == mx.float32
+    }
+    row_major = list(named.values())
+    columns = [mx.contiguous(w.T) for w in row_major]
+    packed = packed_matrices(models["packed"].model)
+    mx.eval(columns)
 
-    def step_ms(batch: int) -> float:
+    def step_ms(model, batch: int) -> float:
         cache = make_prompt_cache(model)
         mx.eval(model(mx.array([ids] * batch), cache=cache))
         token = mx.array([[ids[-1]]] * batch)
@@ -81,24 +98,30 @@ def main() -> None:
 
     print(f"machine: {machine()}; BLAS: {status.describe()}")
     print(
-        f"SmolLM2-135M-Instruct, {len(stored)} weight matrices, float32 in kiapi, "
-        f"stored by {chat.weight_layout} (the faster here, measured at load)\n"
+        f"SmolLM2-135M-Instruct: {len(row_major)} weight matrices; packed: {len(packed)} "
+        f"products (siblings stacked), {sum(m.weight.nbytes for m in packed) / 1e6:.0f} MB "
+        f"packed + {sum(m.scales.nbytes * 2 for m in packed) / 1e6:.0f} MB scales and biases; "
+        f"float32: {sum(w.nbytes for w in row_major) / 1e6:.0f} MB; the load-time measurement "
+        f"here keeps {load_gguf(smollm2_gguf()).weight_layout}\n"
     )
     print("| per decoded token, ms | batch 1 | batch 8 |")
     print("|---|---|---|")
 
     def matmuls(batch: int) -> dict[str, float]:
-        xs = {w.shape[0]: mx.random.normal((batch, w.shape[0])) for w in stored}
-        row_major = [mx.contiguous(w.T) for w in stored]
+        xs = {n: mx.random.normal((batch, n)) for n in {w.shape[1] for w in row_major}}
         quantized = [mx.quantize(w, 32, 4) for w in row_major]
-        mx.eval(list(xs.values()), row_major, quantized)
+        mx.eval(list(xs.values()), quantized)
         out = {
-            "whole step (model + argmax)": step_ms(batch),
-            "matmuls, x @ Wt (columns)": best_ms(
-                lambda: mx.eval([xs[w.shape[0]] @ w for w in stored]), 5
+            "whole step, packed": step_ms(models["packed"].model, batch),
+            "whole step, float32 rows": step_ms(models["rows"].model, batch),
+            "matmuls, packed (kiapi's kernel)": best_ms(
+                lambda: mx.eval([m.matmul(xs[m.inputs]) for m in packed]), 5
             ),
-            "matmuls, x @ W.T (rows, nn.Linear's)": best_ms(
+            "matmuls, float32 x @ W.T (rows)": best_ms(
                 lambda: mx.eval([xs[w.shape[1]] @ w.T for w in row_major]), 5
+            ),
+            "matmuls, float32 x @ Wt (columns)": best_ms(
+                lambda: mx.eval([xs[w.shape[0]] @ w for w in columns]), 5
             ),
             "matmuls, MLX 4-bit quantized_matmul": best_ms(
                 lambda: mx.eval(
@@ -109,34 +132,88 @@ def main() -> None:
                 ),
                 3,
             ),
-            "matmuls, NumPy sgemv (memory-bound)": float("nan"),
+            "matmuls, NumPy sgemv on float32 (memory-bound)": float("nan"),
         }
         if batch == 1:
             arrays = [np.array(w) for w in row_major]
             vectors = {k: np.array(v)[0] for k, v in xs.items()}
-            out["matmuls, NumPy sgemv (memory-bound)"] = best_ms(
+            out["matmuls, NumPy sgemv on float32 (memory-bound)"] = best_ms(
                 lambda: [w @ vectors[w.shape[1]] for w in arrays], 5
             )
         return out
 
     one, eight = matmuls(1), matmuls(8)
-    rows = {name: (one[name], eight[name]) for name in one}
-    for name, (one, eight) in rows.items():
-        print(f"| {name} | {one:.1f} | {eight:.1f} |")
-    ours = (
-        "matmuls, x @ Wt (columns)"
-        if chat.weight_layout == "columns"
-        else ("matmuls, x @ W.T (rows, nn.Linear's)")
-    )
-    whole, matmuls = rows["whole step (model + argmax)"], rows[ours]
+    for name in one:
+        print(f"| {name} | {one[name]:.1f} | {eight[name]:.1f} |")
+    for whole, products in (
+        ("whole step, packed", "matmuls, packed (kiapi's kernel)"),
+        ("whole step, float32 rows", "matmuls, float32 x @ W.T (rows)"),
+    ):
+        print(
+            f"| everything else, {whole.split(', ', 1)[1]} (whole - its matmuls) | "
+            f"{one[whole] - one[products]:.1f} | {eight[whole] - eight[products]:.1f} |"
+        )
     print(
-        f"| everything else (whole - kiapi's matmuls) | {whole[0] - matmuls[0]:.1f} "
-        f"| {whole[1] - matmuls[1]:.1f} |"
+        "\ndecode tokens/s in-process: "
+        + "; ".join(
+            f"{layout} {1000 / one[f'whole step, {layout}']:.1f} (batch 1), "
+            f"{8000 / eight[f'whole step, {layout}']:.1f} (batch 8)"
+            for layout in ("packed", "float32 rows")
+        )
     )
-    print(f"\ndecode tokens/s: {1000 / whole[0]:.1f} (batch 1), {8000 / whole[1]:.1f} (batch 8)")
 
-    def steady_ms(cache, tokens: int = 32) -> float:
+    # The packed step taken apart: the kernel's calls, kiapi's Python around them, the rest.
+    model = models["packed"].model
+    spent: dict[str, float] = defaultdict(float)
+    lib = qmatmul.kernel()
+    matmul = qmatmul.PackedMatrix.matmul
+
+    class TimedKernel:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def kiapi_qgemv(self, *args):
+            started = time.perf_counter()
+            lib.kiapi_qgemv(*args)
+            spent["kernel"] += time.perf_counter() - started
+
+    def timed_matmul(self, x):
+        started = time.perf_counter()
+        mx.eval(x)
+        spent["MLX ops before each product (evaluated there)"] += time.perf_counter() - started
+        started = time.perf_counter()
+        y = matmul(self, x)
+        spent["product, with kiapi's Python around the kernel"] += time.perf_counter() - started
+        return y
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([ids]), cache=cache))
+    token = mx.array([[ids[-1]]])
+    steps = 20
+    qmatmul.PackedMatrix.matmul = timed_matmul
+    qmatmul.kernel = lambda: TimedKernel()
+    try:
+        started = time.perf_counter()
+        for _ in range(steps):
+            mx.eval(mx.argmax(model(token, cache=cache)[:, -1], axis=-1))
+        whole = (time.perf_counter() - started) / steps * 1000
+    finally:
+        qmatmul.PackedMatrix.matmul = matmul
+        qmatmul.kernel = lambda: lib
+    per = {name: seconds / steps * 1000 for name, seconds in spent.items()}
+    product = per.pop("product, with kiapi's Python around the kernel")
+    kernel_ms = per.pop("kernel")
+    before = per.pop("MLX ops before each product (evaluated there)")
+    print(
+        f"\npacked step at batch 1, taken apart ({steps} steps, timers on): {whole:.1f} ms = "
+        f"kernel {kernel_ms:.1f} + kiapi's Python around it {product - kernel_ms:.1f} + MLX ops "
+        f"between products {before:.1f} + after the last (head, argmax) "
+        f"{whole - product - before:.1f}"
+    )
+
+    def steady_ms(model, tokens: int = 32) -> float:
         """Per token of a greedy loop over a cache that grows, as a server decodes."""
+        cache = [BatchKVCache(left_padding=[0]) for _ in model.layers]
         mx.eval(model(mx.array([ids]), cache=cache))
         token = mx.array([ids[-1]])
         started = time.perf_counter()
@@ -145,31 +222,32 @@ def main() -> None:
             mx.eval(token)
         return (time.perf_counter() - started) / tokens * 1000
 
-    plain = steady_ms(make_prompt_cache(model))
-    batched = steady_ms([BatchKVCache(left_padding=[0]) for _ in model.layers])
     print(
-        f"steady greedy loop, batch 1, per token: {plain:.1f} ms with mlx-lm's KVCache, "
-        f"{batched:.1f} ms with its BatchKVCache (what kiapi's continuous batch uses)"
+        "steady greedy loop, batch 1, per token (mlx-lm's BatchKVCache, as kiapi's continuous "
+        + "batch): "
+        + ", ".join(f"{layout} {steady_ms(chat.model):.1f} ms" for layout, chat in models.items())
     )
 
-    # Prefill (time to first token): a 256-token prompt through the model, against the
-    # matrix products of the same rows alone (the weights as kiapi stores them).
-    long_ids = (chat.encode("hello world " * 200) * 2)[:255]
+    # Prefill (time to first token): a 255-token prompt through the model, against the
+    # float32 matrix products of the same rows alone.
+    long_ids = (models["rows"].encode("hello world " * 200) * 2)[:255]
     prompt = mx.array([long_ids])
-    rows = {w.shape[0]: mx.random.normal((len(long_ids), w.shape[0])) for w in stored}
+    rows = {n: mx.random.normal((len(long_ids), n)) for n in {w.shape[1] for w in row_major}}
     mx.eval(list(rows.values()))
 
-    def prefill() -> None:
+    def prefill(model) -> None:
         cache = make_prompt_cache(model)
         model(prompt, cache=cache)
         mx.eval([c.state for c in cache])
 
-    prefill_ms = best_ms(prefill, 2)
-    products_ms = best_ms(lambda: mx.eval([rows[w.shape[0]] @ w for w in stored]), 2)
+    # the tied head is not evaluated in prefill (mlx-lm keeps only the caches)
+    layers = [w for name, w in named.items() if not name.endswith(".head")]
+    products_ms = best_ms(lambda: mx.eval([rows[w.shape[1]] @ w.T for w in layers]), 2)
+    times = {layout: best_ms(lambda m=chat.model: prefill(m), 2) for layout, chat in models.items()}
     print(
-        f"prefill, {len(long_ids)}-token prompt: {prefill_ms:.0f} ms in-process; the matrix "
-        f"products of those rows alone {products_ms:.0f} ms; everything else "
-        f"{prefill_ms - products_ms:.0f} ms"
+        f"prefill, {len(long_ids)}-token prompt, in-process: "
+        + ", ".join(f"{layout} {ms:.0f} ms" for layout, ms in times.items())
+        + f"; the float32 products of those rows alone {products_ms:.0f} ms"
     )
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiapi.runtime import cpu_decoder
 from kiapi.runtime.mlx_import import import_mlx
 from kiapi.runtime.mlx_quantized import dequantized_float32, float_linear_weight
 from kiapi.runtime.registry import LoadedModel, ModelSpec
@@ -156,6 +157,8 @@ def load_gguf(path: Path, name: str = "gguf", layout: str | None = None) -> Chat
     model.load_weights(list(weights.items()), strict=True)
     on_cpu = mx.default_device() == mx.cpu
     layout = dequantize_for_cpu(model, layout) if on_cpu else "as loaded"
+    if on_cpu:
+        cpu_decoder.install_attention(type(model).__module__)
     mx.eval(model.parameters())
 
     tokens = list(meta["tokenizer.ggml.tokens"])
@@ -254,6 +257,11 @@ def dequantize_for_cpu(model: Any, layout: str | None = None, timer=None) -> str
                              else row_major_linear(weight, bias)))  # fmt: skip
     if replaced:
         model.update_modules(tree_unflatten(replaced))
+    if layout == "packed":  # SwiGLU MLPs over packed projections: one NumPy pass each
+        mlps = [(path, m) for path, m in model.named_modules() if cpu_decoder.packable_mlp(m)]
+        packed_mlp = cpu_decoder.packed_mlp_class()
+        if mlps:
+            model.update_modules(tree_unflatten([(path, packed_mlp(m)) for path, m in mlps]))
     del floats, replaced
     import_mlx().clear_cache()  # the measurement's float32 sample, when packed won
     return layout
@@ -435,6 +443,7 @@ def load_hf(folder: Path, name: str = "hf") -> ChatModel:
     if mx.default_device() == mx.cpu:
         layout = dequantize_for_cpu(model)
         mx.eval(model.parameters())
+        cpu_decoder.install_attention(type(model).__module__)
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer_config = read_json(folder, "tokenizer_config.json")
     source = tokenizer_config.get("chat_template")

@@ -255,3 +255,81 @@ __attribute__((optimize("fp-contract=off"))) void kiapi_dequantize(
         }
     }
 }
+
+/* ---- element-wise work of a decoder block, vectorized and split over threads ----------- */
+
+/* exp(x) to ~2 ulp for x in [-87, 88] (clamped outside): 2^(x log2 e) as 2^n times a degree-6
+ * polynomial of the fraction (Cephes' coefficients, as MLX's own CPU exp uses), 2^n built in
+ * the exponent bits. Branch-free, so loops calling it vectorize. */
+static inline float fast_exp(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float t = x * 1.44269504088896341f;
+    const float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest (1.5 * 2^23) */
+    const float f = t - n;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+/* Softmax of each of `rows` rows of `cols` values (`out` may be `in`), over the entries a
+ * mask keeps; the others become 0, as a mask's -inf would make them (a row that keeps none
+ * becomes all 0, not NaN). The rows are attention scores: blocks of `queries` rows (one
+ * block per head), `rows_per_batch` rows per batch element. Two masks, either or both:
+ *   causal (`causal` != 0): query q of a block (at position offset + q) sees keys 0 .. offset + q;
+ *   `keep` (NULL: none): one byte per (query, key), nonzero to attend, `queries` x `cols` per
+ *   batch element (`keep_batched`) or one for all; the same for every head. */
+void kiapi_softmax(const float *in, float *out, int rows, int cols, int queries,
+                   int rows_per_batch, int causal, int offset, const uint8_t *keep,
+                   int keep_batched, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int r = 0; r < rows; r++) {
+        const float *row = in + (size_t)r * cols;
+        float *o = out + (size_t)r * cols;
+        const int q = r % queries;
+        int seen = cols;
+        if (causal) {
+            seen = offset + q + 1;
+            if (seen > cols) seen = cols;
+        }
+        const uint8_t *k = NULL;
+        if (keep) k = keep + ((size_t)(keep_batched ? r / rows_per_batch : 0) * queries + q) * cols;
+        float top = -3.0e38f;
+        for (int j = 0; j < seen; j++) {
+            const float v = k && !k[j] ? -3.0e38f : row[j];
+            top = v > top ? v : top;
+        }
+        float total = 0;
+        for (int j = 0; j < seen; j++) {
+            const float e = k && !k[j] ? 0.0f : fast_exp(row[j] - top);
+            o[j] = e;
+            total += e;
+        }
+        if (total > 0) {
+            const float inverse = 1.0f / total;
+            for (int j = 0; j < seen; j++) o[j] *= inverse;
+            for (int j = seen; j < cols; j++) o[j] = 0.0f;
+        } else { /* a row that keeps nothing (padding): uniform, as MLX's masked softmax */
+            for (int j = 0; j < cols; j++) o[j] = 1.0f / cols;
+        }
+    }
+}
+
+/* out[r, j] = silu(g) * u for g = gate_up[r, j], u = gate_up[r, hidden + j]: a SwiGLU MLP's
+ * activation over its stacked gate and up products. */
+void kiapi_swiglu(const float *gate_up, int rows, int hidden, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int r = 0; r < rows; r++) {
+        const float *g = gate_up + (size_t)r * 2 * hidden, *u = g + hidden;
+        float *o = out + (size_t)r * hidden;
+        for (int j = 0; j < hidden; j++) o[j] = g[j] / (1.0f + fast_exp(-g[j])) * u[j];
+    }
+}

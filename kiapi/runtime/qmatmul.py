@@ -140,6 +140,10 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_dequantize.argtypes = [pointer, pointer, pointer, number, number, number]
     lib.kiapi_dequantize.argtypes += [number, pointer, number]
     lib.kiapi_dequantize.restype = None
+    lib.kiapi_softmax.argtypes = [pointer, pointer] + [number] * 6 + [pointer, number, number]
+    lib.kiapi_softmax.restype = None
+    lib.kiapi_swiglu.argtypes = [pointer, number, number, pointer, number]
+    lib.kiapi_swiglu.restype = None
     return lib
 
 
@@ -217,14 +221,15 @@ class PackedMatrix:
 
     def matmul(self, x: Any) -> Any:
         """``x @ W.T`` for ``x`` (..., inputs), evaluated now."""
-        import numpy as np
-
         mx = import_mlx()
         lead = x.shape[:-1]
-        if x.dtype != mx.float32:
-            x = x.astype(mx.float32)
-        mx.eval(x)
-        x_view = np.ascontiguousarray(np.array(x, copy=False).reshape(-1, self.inputs))
+        out = self.product(evaluated_rows(x, self.inputs))
+        return mx.array(out).reshape(*lead, self.outputs)
+
+    def product(self, x_view: Any) -> Any:
+        """``x @ W.T`` for a C-contiguous float32 NumPy ``x`` (rows, inputs): NumPy out."""
+        import numpy as np
+
         rows = x_view.shape[0]
         out = np.empty((rows, self.outputs), dtype=np.float32)
         lib = kernel()
@@ -243,7 +248,7 @@ class PackedMatrix:
             # taking turns on the same cores wait on each other's spinning (5-10x slower)
             self._dequantize_into(full, threads=1)
             _call_sgemm(sgemm, x_view, full, out, rows, self.outputs, self.inputs)
-        return mx.array(out).reshape(*lead, self.outputs)
+        return out
 
     def _dequantize_into(self, out: Any, threads: int) -> None:
         _, weight, scales, biases, outputs, group, bits = self._fixed
@@ -260,6 +265,18 @@ class PackedMatrix:
         out = np.empty((self.outputs, self.inputs), dtype=np.float32)
         self._dequantize_into(out, threads=cpu_threads())
         return mx.array(out)
+
+
+def evaluated_rows(x: Any, inputs: int) -> Any:
+    """``x`` (..., inputs) evaluated, as a C-contiguous float32 NumPy (rows, inputs): a view
+    of MLX's buffer where it already is one, else a copy."""
+    import numpy as np
+
+    mx = import_mlx()
+    if x.dtype != mx.float32:
+        x = x.astype(mx.float32)
+    mx.eval(x)
+    return np.ascontiguousarray(np.array(x, copy=False).reshape(-1, inputs))
 
 
 class SharedInput:
