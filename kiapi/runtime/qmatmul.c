@@ -333,3 +333,20 @@ void kiapi_swiglu(const float *gate_up, int rows, int hidden, float *out, int th
         for (int j = 0; j < hidden; j++) o[j] = g[j] / (1.0f + fast_exp(-g[j])) * u[j];
     }
 }
+
+/* Exact (erf) GELU, in place: 0.5 x (1 + erf(x / sqrt 2)) with erf from Abramowitz & Stegun
+ * 7.1.28 (|error| <= 3e-7), the polynomial kiapi's MLX version compiles (mlx_engine). */
+void kiapi_gelu(float *x, long count, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long i = 0; i < count; i++) {
+        const float v = x[i];
+        const float z = (v < 0 ? -v : v) * 0.70710678118654752f;
+        float p = 1.0f + z * (0.0705230784f + z * (0.0422820123f + z * (0.0092705272f +
+                  z * (0.0001520143f + z * (0.0002765672f + z * 0.0000430638f)))));
+        p = p * p;
+        p = p * p;
+        p = p * p;
+        const float erf_abs = 1.0f - 1.0f / (p * p);
+        x[i] = 0.5f * v * (1.0f + (v < 0 ? -erf_abs : erf_abs));
+    }
+}

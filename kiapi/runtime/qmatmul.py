@@ -144,6 +144,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_softmax.restype = None
     lib.kiapi_swiglu.argtypes = [pointer, number, number, pointer, number]
     lib.kiapi_swiglu.restype = None
+    lib.kiapi_gelu.argtypes = [pointer, ctypes.c_long, number]
+    lib.kiapi_gelu.restype = None
     return lib
 
 
@@ -277,6 +279,40 @@ def evaluated_rows(x: Any, inputs: int) -> Any:
         x = x.astype(mx.float32)
     mx.eval(x)
     return np.ascontiguousarray(np.array(x, copy=False).reshape(-1, inputs))
+
+
+def softmax_in_place(scores: Any, threads: int) -> None:
+    """Softmax over the last axis of an evaluated, row-contiguous float32 MLX array, written
+    into its own buffer (MLX's NumPy view is writable and shares it): for an intermediate
+    result nothing else holds. Raises ValueError for any other array."""
+    view = _own_buffer(scores)
+    rows, cols = view.shape
+    c = ctypes
+    kernel().kiapi_softmax(
+        c.c_void_p(view.ctypes.data), c.c_void_p(view.ctypes.data), c.c_int(rows),
+        c.c_int(cols), c.c_int(1), c.c_int(rows), c.c_int(0), c.c_int(0), c.c_void_p(None),
+        c.c_int(0), c.c_int(threads),
+    )  # fmt: skip
+
+
+def gelu_in_place(x: Any, threads: int) -> None:
+    """Exact (erf) GELU of an evaluated float32 MLX array, in its own buffer (as above)."""
+    view = _own_buffer(x)
+    kernel().kiapi_gelu(
+        ctypes.c_void_p(view.ctypes.data), ctypes.c_long(view.size), ctypes.c_int(threads)
+    )
+
+
+def _own_buffer(a: Any) -> Any:
+    import numpy as np
+
+    mx = import_mlx()
+    if a.dtype != mx.float32:
+        raise ValueError(f"float32 expected, not {a.dtype}")
+    view = np.array(a, copy=False)
+    if not view.flags.c_contiguous or not view.flags.writeable:
+        raise ValueError("a row-contiguous array that owns its buffer expected")
+    return view.reshape(-1, view.shape[-1]) if view.ndim else view.reshape(1, 1)
 
 
 class SharedInput:

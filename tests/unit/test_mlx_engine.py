@@ -83,18 +83,26 @@ def original_hidden(model, ids, mask):
 
 
 @pytest.mark.parametrize(
-    ("streams", "numpy_softmax_min"),
-    [(1, 1 << 30), (1, 0), (2, 1 << 30)],
-    ids=["one-stream-mlx-softmax", "one-stream-numpy-softmax", "two-streams"],
+    ("streams", "numpy_softmax_min", "kernel"),
+    [(1, 1 << 30, False), (1, 0, False), (2, 1 << 30, False), (1, 0, True), (2, 0, True)],
+    ids=[
+        "one-stream-mlx-softmax",
+        "one-stream-numpy-softmax",
+        "two-streams",
+        "kernel-one-stream",
+        "kernel-two-streams",
+    ],
 )
-def test_fast_bert_reproduces_the_original_forward_pass(minilm, streams, numpy_softmax_min):
+def test_fast_bert_reproduces_the_original_forward_pass(minilm, streams, numpy_softmax_min, kernel):
     mx = import_mlx()
     embedder = minilm.model
     batch = embedder.token_ids([r["text"] for r in REFERENCE["items"]])
     width = max(len(ids) for ids in batch)
     ids = mx.array([ids + [0] * (width - len(ids)) for ids in batch])
     mask = mx.array([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch])
-    fast = FastBert(embedder.model, streams=streams, numpy_softmax_min=numpy_softmax_min)
+    fast = FastBert(
+        embedder.model, streams=streams, numpy_softmax_min=numpy_softmax_min, kernel=kernel
+    )
     want = original_hidden(embedder.model, ids, mask)
     got = np.array(fast(ids, mask))
     assert got.shape == want.shape
@@ -109,7 +117,7 @@ def test_a_two_stream_batch_gives_every_core_back_to_the_blas(minilm):
     chat model decoding next on the worker must not inherit one thread (it did: ~25% slower
     decode in a server that had embedded a batch)."""
     mx = import_mlx()
-    fast = FastBert(minilm.model.model, streams=2, numpy_softmax_min=1 << 30)
+    fast = FastBert(minilm.model.model, streams=2)
     if blas.threads() is None or fast.cores < 2:
         pytest.skip("needs OpenBLAS and two cores")
     ids = mx.array([[101, 7592, 102], [101, 2088, 102]])

@@ -177,3 +177,30 @@ def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="could not build"):
         qmatmul.build("cc", tmp_path / "kernels")
     assert not [p for p in (tmp_path / "kernels").rglob("*") if p.is_file()]
+
+
+def test_in_place_softmax_and_gelu_write_mlxs_own_buffer(mx):
+    """The embedding engine's softmax and GELU: into an evaluated intermediate's buffer,
+    which MLX then reads; anything but a row-contiguous float32 array is refused."""
+    from math import erf
+
+    from kiapi.runtime.qmatmul import gelu_in_place, softmax_in_place
+
+    values = np.random.default_rng(4).standard_normal((3, 5, 40)).astype(np.float32) * 4
+    scores = mx.array(values) * 1.0  # an intermediate, evaluated below
+    mx.eval(scores)
+    softmax_in_place(scores, threads=1)
+    expected = np.exp(values - values.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    assert np.abs(np.array(scores @ mx.eye(40)) - expected).max() < 1e-6
+
+    x = mx.array(values) * 1.0
+    mx.eval(x)
+    gelu_in_place(x, threads=1)
+    exact = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / np.sqrt(2))))(values.astype(np.float64))
+    assert np.abs(np.array(x) - exact).max() < 1e-5
+
+    with pytest.raises(ValueError, match="row-contiguous"):
+        softmax_in_place(mx.array(values).transpose(0, 2, 1), threads=1)
+    with pytest.raises(ValueError, match="float32"):
+        gelu_in_place(mx.array(values).astype(mx.float16), threads=1)
