@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiapi.config import Settings, physical_memory_gb
-from kiapi.runtime import blas
+from kiapi.runtime import blas, qmatmul
 from kiapi.runtime.catalog import CAPABILITIES, default_registry
 from kiapi.runtime.errors import ModelNotSetUp
 
@@ -60,6 +60,7 @@ def checks(settings: Settings) -> list[Check]:
             f"{mlx_engine.sgemm_gflops():.1f} GFLOP/s (1024x1024 fp32 through MLX; "
             "~5 on the reference BLAS, ~180 with OpenBLAS on 2 Zen 4 cores)",
         ),
+        Check("cpu kernel", True if qmatmul.kernel() else None, qmatmul.describe()),
         _files_root(settings),
         Check("memory budget", True, f"{settings.memory_limit_gb:.2f} GB (KIAPI_MEMORY_LIMIT_GB)"),
     ]

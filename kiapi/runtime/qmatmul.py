@@ -116,6 +116,13 @@ def build(compiler: str, folder: Path) -> Path:
 
 
 _lock = threading.Lock()
+_status = {"detail": "not built yet"}  # what describe() reports
+
+
+def describe() -> str:
+    """The kernel's library, or why there is none (``kiapi doctor``)."""
+    kernel()
+    return _status["detail"]
 
 
 @functools.cache
@@ -123,15 +130,21 @@ def kernel() -> ctypes.CDLL | None:
     """The compiled kernel, or None (no C compiler, a failed build: logged once)."""
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C compiler (cc, or $CC): chat weights stay float32 on the CPU")
+        _status["detail"] = (
+            "unavailable: no C compiler (cc, or $CC); chat weights are served as float32 and "
+            "softmax/GELU by MLX, slower (install gcc or clang to get it)"
+        )
+        log.warning("kiapi's CPU kernel %s", _status["detail"])
         return None
     with _lock:
         try:
             path = build(compiler, cache_folder())
             lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError) as error:
-            log.warning("quantized CPU kernel unavailable (%s): float32 weights instead", error)
+            _status["detail"] = f"unavailable: {error}; chat weights are served as float32"
+            log.warning("kiapi's CPU kernel %s", _status["detail"])
             return None
+    _status["detail"] = f"{path} (built by {compiler}, {' '.join(FLAGS[:2])})"
     pointer, number = ctypes.c_void_p, ctypes.c_int
     lib.kiapi_supported.argtypes = [number, number]
     lib.kiapi_qgemv.argtypes = [pointer, number, number, pointer, pointer, pointer]

@@ -29,6 +29,7 @@ def test_doctor_reports_openblas_and_the_bundled_model(tmp_path):
     assert found["blas"].startswith("ok ") and "OpenBLAS" in found["blas"]
     assert "GFLOP/s" in found["matmul"] and "mlx 0." in found["mlx"]
     assert "writable" in found["files root"]
+    assert found["cpu kernel"].startswith("ok ") and "libkiapi_qmatmul.so" in found["cpu kernel"]
     assert "set up [default]" in found["model all-minilm-l6-v2"]
     not_set_up = found["model qwen3-embedding-8b"]
     assert not_set_up.startswith("-- ") and "not set up" in not_set_up  # information, not "ok"
@@ -54,3 +55,10 @@ def test_doctor_fails_on_the_reference_blas_and_an_unwritable_root(tmp_path):
     if sys.platform.startswith("linux"):
         assert found["blas"].startswith("FIX")
     assert found["files root"].startswith("FIX") and "KIAPI_FILES_ROOT" in found["files root"]
+
+
+def test_without_a_c_compiler_the_kernel_is_reported_missing_not_failed(tmp_path):
+    """No compiler: chat still serves (float32 weights), so it is information, not a failure."""
+    done = doctor(tmp_path, CC=str(tmp_path / "no-such-compiler"))
+    kernel = lines(done)["cpu kernel"]
+    assert kernel.startswith("-- ") and "no C compiler" in kernel and "gcc" in kernel
