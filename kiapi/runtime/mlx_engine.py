@@ -351,6 +351,7 @@ ERF_COEFFICIENTS = (
     0.0000430638,
 )
 NUMPY_SOFTMAX_MIN = 1 << 16  # attention scores from which NumPy's softmax beats MLX's
+TWO_STREAM_MIN_TOKENS = 256  # padded tokens from which a batch runs in two stream halves
 
 
 def _gelu(x):
@@ -435,6 +436,7 @@ class FastBert:
         streams: int | None = None,
         numpy_softmax_min: int = NUMPY_SOFTMAX_MIN,
         kernel: bool | None = None,
+        two_stream_min_tokens: int = TWO_STREAM_MIN_TOKENS,
     ):
         mx = import_mlx()
         config = model.config
@@ -444,6 +446,7 @@ class FastBert:
         self.head_size = config.hidden_size // self.heads
         self.numpy_softmax_min = numpy_softmax_min
         self.kernel = qmatmul.kernel() is not None if kernel is None else kernel
+        self.two_stream_min_tokens = two_stream_min_tokens
         cores = usable_cores()
         self.streams = [mx.new_stream(mx.cpu) for _ in range(streams or min(2, cores))]
         self.threads_per_stream = max(1, cores // len(self.streams))
@@ -535,15 +538,18 @@ class FastBert:
         """:meth:`_encode` with the softmax and GELU in kiapi's kernel (``qmatmul.c``,
         vectorized), written into MLX's own buffers: MLX's CPU ``exp`` is scalar, and the
         softmax and GELU were 37% and 21% of a 32 x 128-token batch. A batch of two or more
-        runs in halves on the MLX streams (one BLAS thread each), which meet at the kernel
-        twice per layer; one row runs on the default stream with the BLAS on every core. The
+        of ``two_stream_min_tokens`` padded tokens or more runs in halves on the MLX
+        streams (one BLAS thread each), which meet at the kernel twice per layer; a smaller
+        one runs on the default stream with the BLAS on every core (by hand, 12-token texts:
+        8 at once 296-359 -> 406-433 texts/s; at 32 the halves win, 583 -> 632). The
         kernel runs on one thread: on two, a 32 x 12-token batch ran at 430 texts/s instead
         of 656 (waking a team costs more than it saves there); 128-token batches gained
         38 -> 52-57 texts/s either way (by hand, in-process)."""
         mx = import_mlx()
         rows, width = input_ids.shape
         heads, size = self.heads, self.head_size
-        halves = len(self.streams) if rows >= 2 else 1
+        split = rows >= 2 and rows * width >= self.two_stream_min_tokens
+        halves = len(self.streams) if split else 1
         indices = [i for i in np.array_split(np.arange(rows), halves) if len(i)]
         streams = self.streams if len(indices) > 1 else [mx.default_stream(mx.cpu)]
         parts = []
