@@ -203,7 +203,15 @@ def _describe_library(lib: ctypes.CDLL, path: str) -> str:
     return f"{name}, {threads()} threads" if threads else name
 
 
+# OpenBLAS's idle threads busy-wait 2**28 cycles (~0.1 s) after each threaded call before they
+# sleep: on two cores that is a core taken from whatever runs next (the HTTP event loop, kiapi's
+# kernel threads); measured here, 0.10 s of CPU burnt in 0.3 s idle after one product. 2**20
+# cycles (~0.3 ms) still bridges the gaps between a forward pass's products.
+THREAD_TIMEOUT = "20"
+
+
 def _load(path: str) -> BlasStatus | None:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", THREAD_TIMEOUT)  # read when it loads
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:

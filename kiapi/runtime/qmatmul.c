@@ -18,8 +18,8 @@
  * rows are split between threads (OpenMP). kiapi_dequantize writes the float32 matrix, for
  * products over many rows (prefill), which the BLAS then runs.
  *
- * Only bits 4 and 8 are handled, with a group size that is a multiple of 32; the caller
- * checks (kiapi_supported).
+ * Only bits 4 and 8 are handled, with group sizes 32, 64 or 128 (MLX's); the caller checks
+ * (kiapi_supported).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,8 +27,8 @@
 
 #define MAX_ROWS 8 /* rows of x handled per sweep over the weights */
 
-int kiapi_supported(int bits, int group) {
-    return (bits == 4 || bits == 8) && group >= 32 && group % 32 == 0;
+int kiapi_supported(int bits, int group) { /* MLX's group sizes; the loops need 32/64/128 */
+    return (bits == 4 || bits == 8) && (group == 32 || group == 64 || group == 128);
 }
 
 /* Sixteen lanes, as GCC and Clang vector extensions: one AVX-512 register, two AVX2 or four
@@ -221,6 +221,9 @@ void kiapi_qgemv(const float *x, int M, int K, const uint32_t *packed, const flo
 __attribute__((optimize("fp-contract=off"))) void kiapi_dequantize(
     const uint32_t *packed, const float *scales, const float *biases, int N, int K, int group,
     int bits, float *out, int threads) {
+#ifdef __clang__
+#pragma clang fp contract(off) /* clang ignores GCC's optimize attribute */
+#endif
     const int groups = K / group, per_group = group / 32;
     const size_t row_bytes = (size_t)K * bits / 8;
 #pragma omp parallel for schedule(static) num_threads(threads)

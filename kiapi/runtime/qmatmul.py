@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("qmatmul.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
 OPENMP = "-fopenmp"
-KERNEL_ROWS = 16  # more rows than this: expand the matrix and run the BLAS (prefill)
+# More rows than this: expand the matrix and run the BLAS. SmolLM2's layers here: 24 rows
+# 78 ms through the kernel, 81 expanded; 32 rows 106 against 81 (by hand). Decoding's rows
+# are its sequences (up to the generator's 32); prefill's are a prompt chunk's tokens.
+KERNEL_ROWS = 24
 BITS = (4, 8)
 
 
@@ -67,7 +70,8 @@ def _cpu_identity() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor() or platform.machine()
-    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags")]
+    keys = ("model name", "flags", "Features", "CPU implementer", "CPU part", "CPU variant")
+    keep = [line for line in lines if line.split(":")[0].strip() in keys]
     return "\n".join(sorted(set(keep)))
 
 
@@ -296,8 +300,8 @@ def evaluated_rows(x: Any, inputs: int) -> Any:
 
 def softmax_in_place(scores: Any, threads: int) -> None:
     """Softmax over the last axis of an evaluated, row-contiguous float32 MLX array, written
-    into its own buffer (MLX's NumPy view is writable and shares it): for an intermediate
-    result nothing else holds. Raises ValueError for any other array."""
+    into its own buffer (MLX's NumPy view is writable and shares it): only for the fresh
+    result of an op that nothing else holds (see :func:`_own_buffer`)."""
     view = _own_buffer(scores)
     rows, cols = view.shape
     c = ctypes
@@ -317,35 +321,45 @@ def gelu_in_place(x: Any, threads: int) -> None:
 
 
 def _own_buffer(a: Any) -> Any:
+    """A NumPy view of ``a``'s buffer, which the caller may overwrite. MLX cannot say whether
+    another array shares that buffer (a slice or reshape of another array does, and its view
+    is as writable), so callers pass only the fresh result of an op (``addmm``, ``+``) that
+    nothing else holds, evaluated; a float32 dtype and row-contiguity are checked here."""
     import numpy as np
 
     mx = import_mlx()
     if a.dtype != mx.float32:
         raise ValueError(f"float32 expected, not {a.dtype}")
     view = np.array(a, copy=False)
-    if not view.flags.c_contiguous or not view.flags.writeable:
-        raise ValueError("a row-contiguous array that owns its buffer expected")
+    if not view.flags.c_contiguous:
+        raise ValueError("a row-contiguous array expected")
     return view.reshape(-1, view.shape[-1]) if view.ndim else view.reshape(1, 1)
 
 
 class SharedInput:
-    """The product of one :class:`PackedMatrix` stacked from sibling layers (a block's
-    query, key and value projections; an MLP's gate and up projections) with the input they
-    share, computed once: mlx-lm's blocks call ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)``
-    with the same array, so the first call computes every sibling's rows and the others
-    slice them. A call with another array computes the whole product again (correct, only
-    slower). Holds the last input and product (one hidden state, released by the next)."""
+    """The product of one :class:`PackedMatrix` stacked from ``readers`` sibling layers (a
+    block's query, key and value projections; an MLP's gate and up projections) with the
+    input they share, computed once: mlx-lm's blocks call ``q_proj(x)``, ``k_proj(x)``,
+    ``v_proj(x)`` with the same array, so the first call computes every sibling's rows and
+    the others slice them. The input and product are released once every sibling has read
+    them (a prefill chunk's activations would otherwise stay alive in every layer); a call
+    with another array computes the whole product again (correct, only slower)."""
 
-    def __init__(self, matrix: PackedMatrix) -> None:
+    def __init__(self, matrix: PackedMatrix, readers: int = 1) -> None:
         self.matrix = matrix
+        self.readers = readers
         self._x: Any = None
         self._y: Any = None
+        self._unread = 0
 
     def product(self, x: Any) -> Any:
-        if x is not self._x:
-            self._y = self.matrix.matmul(x)
-            self._x = x
-        return self._y
+        if x is not self._x or self._unread == 0:
+            self._x, self._y, self._unread = x, self.matrix.matmul(x), self.readers
+        y = self._y
+        self._unread -= 1
+        if self._unread == 0:
+            self._x = self._y = None
+        return y
 
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112  # CBLAS enums
@@ -359,6 +373,27 @@ def _call_sgemm(sgemm, x, w, out, rows: int, outputs: int, inputs: int) -> None:
         number(inputs), single(1.0), pointer(x.ctypes.data), number(inputs),
         pointer(w.ctypes.data), number(inputs), single(0.0), pointer(out.ctypes.data),
         number(outputs),
+    )  # fmt: skip
+
+
+def prefill(x: Any) -> bool:
+    """Whether ``x`` (batch, positions, features) holds a prompt chunk: several positions per
+    sequence and more rows than :data:`KERNEL_ROWS` in all. Decoding has one position."""
+    if x.ndim < 3 or x.shape[-2] == 1:
+        return False
+    rows = 1
+    for size in x.shape[:-1]:
+        rows *= int(size)
+    return rows > KERNEL_ROWS
+
+
+def lazy_product(matrix: PackedMatrix, x: Any) -> Any:
+    """``x @ W.T`` as a lazy MLX op (its own quantized matmul: slow on the CPU, but an output
+    head's prefill logits are never evaluated: mlx-lm keeps only the caches)."""
+    mx = import_mlx()
+    return mx.quantized_matmul(
+        x.astype(mx.float32), matrix.weight, matrix.scales, matrix.biases, transpose=True,
+        group_size=matrix.group_size, bits=matrix.bits,
     )  # fmt: skip
 
 
@@ -385,7 +420,7 @@ def pack_linears(linears: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
                 all(g is not None and "bias" not in g for g in group)
                 and len({(g.bits, g.group_size) for g in group}) == 1
             ):
-                shared = SharedInput(PackedMatrix.stacked(group))
+                shared = SharedInput(PackedMatrix.stacked(group), readers=len(group))
                 start = 0
                 for index, (p, g) in enumerate(zip(paths, group, strict=True)):
                     rows = int(g.weight.shape[0])
@@ -394,8 +429,8 @@ def pack_linears(linears: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
                     )
                     start += rows
             break
-        if path not in out:
-            out[path] = packed_linear(module)
+        if path not in out:  # an untied output head: its prefill logits are never read
+            out[path] = packed_linear(module, lazy_prefill=path == "lm_head")
     return [(path, out[path]) for path, _ in linears]
 
 
@@ -420,8 +455,10 @@ def packed_modules() -> tuple[type, type]:
             shared: SharedInput | None = None,
             rows: tuple[int, int] | None = None,
             owner: bool = True,
+            lazy_prefill: bool = False,
         ) -> None:
             super().__init__()
+            self._lazy_prefill = lazy_prefill
             if shared is None:
                 shared = SharedInput(
                     PackedMatrix(
@@ -437,6 +474,9 @@ def packed_modules() -> tuple[type, type]:
                 self.weight, self.scales, self.biases = matrix.weight, matrix.scales, matrix.biases
 
         def __call__(self, x: Any) -> Any:
+            if self._lazy_prefill and prefill(x):
+                y = lazy_product(self._shared.matrix, x)
+                return y + self.bias if "bias" in self else y
             y = self._shared.product(x)
             if self._rows is not None:
                 y = y[..., self._rows[0] : self._rows[1]]
@@ -465,15 +505,8 @@ def packed_modules() -> tuple[type, type]:
             )
 
         def as_linear(self, x: Any) -> Any:
-            rows = 1
-            for size in x.shape[:-1]:
-                rows *= int(size)
-            if rows <= KERNEL_ROWS:
-                return self._matrix.matmul(x)
-            mx = import_mlx()
-            return mx.quantized_matmul(
-                x.astype(mx.float32), self.weight, self.scales, self.biases, transpose=True,
-                group_size=self.group_size, bits=self.bits,
-            )  # fmt: skip
+            if prefill(x):
+                return lazy_product(self._matrix, x)
+            return self._matrix.matmul(x)
 
     return PackedLinear, PackedEmbedding

@@ -237,7 +237,8 @@ class Worker:
                     return None
                 if self._queue:
                     first = self._queue.popleft()
-                    self._wait_for_batch_mates(first[1])
+                    if block:  # never while a step runner waits for its next step
+                        self._wait_for_batch_mates(first[1])
                     batch = [first, *self._take_batch_mates(first[1])]
                     self._last_batch = len(batch)
                     self._worked = True
@@ -257,7 +258,9 @@ class Worker:
     def _wait_for_batch_mates(self, body: JobBody) -> None:
         """Under concurrent load (the previous batch had several jobs), give the clients of
         that batch up to ``fill_wait_s`` to send their next requests (lock held; the wait
-        releases it). A lone client's batches have one job, so it never waits."""
+        releases it). A lone client's batches have one job, so it never waits; nor does a
+        worker with a busy step runner (:meth:`_next` skips it): its decode steps would
+        stall for the wait, and the late jobs join the next turn's batch anyway."""
         wait = self._batch.fill_wait_s
         if not isinstance(body, Batchable) or wait <= 0 or self._last_batch < 2:
             return

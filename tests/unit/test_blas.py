@@ -115,3 +115,36 @@ def test_auto_prefers_the_wheels_upstream_openblas():
     assert "OpenBLAS 0.3.3" in status["name"]
     assert status["path"] == wheel or Path(status["path"]).name == Path(wheel).name  # relinked
     assert os.path.realpath(bound) == os.path.realpath(status["path"])
+
+
+IDLE_PROBE = """
+import resource, sys, time
+from kiapi.runtime import blas
+blas.activate("auto")
+import mlx.core as mx
+a = mx.random.normal((512, 512))
+mx.eval(a @ a)  # a product on every core
+used = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+start = used()
+time.sleep(0.3)
+print(used() - start)
+"""
+
+
+@pytest.mark.parametrize(("setting", "spins"), [(None, False), ("28", True)])
+def test_openblas_threads_sleep_soon_after_a_product_unless_told_otherwise(setting, spins):
+    """OpenBLAS's idle threads busy-wait ~0.1 s after a threaded call by default: a core taken
+    from the event loop and kiapi's kernel on a 2-core machine. kiapi sets
+    OPENBLAS_THREAD_TIMEOUT before loading it, unless the user did (28: OpenBLAS's default).
+    CPU time in a 0.3 s sleep after one product: a spinning thread burns tens of ms."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if setting is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = setting
+    done = subprocess.run(
+        [sys.executable, "-c", IDLE_PROBE], capture_output=True, text=True, env=env,
+        timeout=120, check=True,
+    )  # fmt: skip
+    burnt = float(done.stdout.strip().splitlines()[-1])
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: OpenBLAS runs no threads")
+    assert (burnt > 0.03) == spins, burnt

@@ -77,7 +77,7 @@ def test_installed_for_the_swiglu_modules_only(mx):
 
     from kiapi.runtime import cpu_decoder
 
-    assert cpu_decoder.install_attention("mlx_lm.models.llama")
+    assert cpu_decoder.install_attention("mlx_lm.models.llama")  # (stays: process-wide)
     assert cpu_decoder.install_attention("mlx_lm.models.llama")  # idempotent
     installed = llama.scaled_dot_product_attention
     assert installed.func is cpu_decoder.attention
@@ -102,15 +102,20 @@ def tiny_llama(mx, bits: int):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_packed_llama_computes_what_mlx_lm_does(mx, bits):
-    """mlx-lm's llama with MLX-quantized weights (its own quantized kernels as the
-    reference), then packed by kiapi: every MLP becomes a ``PackedMLP``, and the logits of a
-    prompt (prefill: the BLAS path) and of a decoded token (the kernel) stay equal."""
+def test_a_packed_llama_computes_what_mlx_lm_does(mx, bits, monkeypatch):
+    """mlx-lm's llama with MLX-quantized weights and mlx-lm's own attention (the reference:
+    kiapi's may already be installed by another test), then packed by kiapi with kiapi's
+    attention: every MLP becomes a ``PackedMLP``, and the logits of a prompt (prefill: the
+    BLAS path) and of a decoded token (the kernel) stay equal."""
+    import mlx_lm.models.llama as llama
+    from mlx_lm.models.base import scaled_dot_product_attention as original
     from mlx_lm.models.cache import make_prompt_cache
 
     from kiapi.runtime import cpu_decoder
     from kiapi.runtime.llm_engine import dequantize_for_cpu
 
+    ours = llama.scaled_dot_product_attention
+    monkeypatch.setattr(llama, "scaled_dot_product_attention", original)
     model = tiny_llama(mx, bits)
     prompt = mx.array([[3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 3, 23, 8, 46, 2, 6, 4, 33, 8]])
 
@@ -124,5 +129,9 @@ def test_a_packed_llama_computes_what_mlx_lm_does(mx, bits):
     packed_mlp = cpu_decoder.packed_mlp_class()
     assert all(isinstance(layer.mlp, packed_mlp) for layer in model.layers)
     cpu_decoder.install_attention("mlx_lm.models.llama")
-    for ours, theirs in zip(run(), reference, strict=True):
-        assert np.abs(ours - theirs).max() < 2e-4 * max(1.0, np.abs(theirs).max())
+    if ours is original:  # not installed before this test
+        ours = llama.scaled_dot_product_attention
+    monkeypatch.setattr(llama, "scaled_dot_product_attention", ours)
+    assert llama.scaled_dot_product_attention.func is cpu_decoder.attention
+    for got, theirs in zip(run(), reference, strict=True):
+        assert np.abs(got - theirs).max() < 2e-4 * max(1.0, np.abs(theirs).max())

@@ -63,6 +63,7 @@ def test_unsupported_quantizations_are_refused(mx):
     assert qmatmul.supported(4, 32) and qmatmul.supported(8, 128)
     assert not qmatmul.supported(3, 32)  # values straddle words
     assert not qmatmul.supported(4, 16)  # smaller than a block
+    assert not qmatmul.supported(4, 96)  # an odd number of blocks per group: not MLX's
     assert not qmatmul.supported(4, 32, mode="mxfp4")
 
 
@@ -103,6 +104,7 @@ def test_siblings_share_one_product(mx):
 
     q, k, v = packed["q_proj"](x), packed["k_proj"](x), packed["v_proj"](x)
     assert len(calls) == 1  # one pass over x for the three
+    assert shared._x is None and shared._y is None  # released once every sibling read x
     k_other = packed["k_proj"](other)  # another input: computed for it, not the cached one
     assert len(calls) == 2
     checks = [("q_proj", q, x), ("k_proj", k, x), ("v_proj", v, x), ("k_proj", k_other, other)]
@@ -204,3 +206,55 @@ def test_in_place_softmax_and_gelu_write_mlxs_own_buffer(mx):
         softmax_in_place(mx.array(values).transpose(0, 2, 1), threads=1)
     with pytest.raises(ValueError, match="float32"):
         gelu_in_place(mx.array(values).astype(mx.float16), threads=1)
+
+
+def test_decoding_more_sequences_than_kernel_rows_stays_on_the_kernel(mx, monkeypatch):
+    """A decode step of many sequences (one position each) multiplies the tied head through
+    the kernel: MLX's quantized matmul is for prefill's logits, which are never read."""
+    from kiapi.runtime.llm_engine import dequantize_for_cpu
+    from kiapi.runtime.mlx_quantized import dequantized_float32
+    from kiapi.runtime.qmatmul import KERNEL_ROWS
+
+    _, model = quantized_layers(False)
+    emb = model.embed_tokens
+    table = np.array(dequantized_float32(emb.weight, emb.scales, emb.biases, 32, 4))
+    dequantize_for_cpu(model, "packed")
+    lazy = []
+    monkeypatch.setattr(mx, "quantized_matmul", lambda *a, **k: lazy.append(a) or None)
+    x = np.random.default_rng(3).standard_normal((KERNEL_ROWS + 8, 1, 64)).astype(np.float32)
+    out = model.embed_tokens.as_linear(mx.array(x))
+    assert not lazy and np.abs(np.array(out) - x @ table.T).max() < 1e-4
+
+
+def test_an_untied_head_leaves_prefill_logits_lazy(mx, monkeypatch):
+    """An output head of its own (``lm_head``) over a prompt chunk is MLX's lazy quantized
+    matmul, which mlx-lm's prefill never evaluates; one position per sequence runs the
+    kernel. Both compute the same logits."""
+    import mlx.nn as nn
+
+    from kiapi.runtime import qmatmul
+
+    class Untied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(64, 40, bias=False)
+
+        def __call__(self, x):
+            return self.lm_head(x)
+
+    mx.random.seed(9)
+    model = Untied()
+    nn.quantize(model, group_size=32, bits=4)
+    head = model.lm_head
+    weight = numpy_expansion(head.weight, head.scales, head.biases, 32, 4)
+    packed = dict(qmatmul.pack_linears([("lm_head", head)]))["lm_head"]
+    eager = []
+    matmul = qmatmul.PackedMatrix.matmul
+    spy = lambda self, a: eager.append(a) or matmul(self, a)  # noqa: E731
+    monkeypatch.setattr(qmatmul.PackedMatrix, "matmul", spy)
+    chunk = np.random.default_rng(5).standard_normal((2, 30, 64)).astype(np.float32)
+    logits = packed(mx.array(chunk))
+    assert not eager  # nothing computed yet
+    assert np.abs(np.array(logits) - chunk @ weight.T).max() < 1e-4
+    step = packed(mx.array(chunk[:, -1:]))
+    assert len(eager) == 1 and np.abs(np.array(step) - chunk[:, -1:] @ weight.T).max() < 1e-4

@@ -115,6 +115,39 @@ def test_a_plain_job_runs_between_two_steps(harness, store):
     long.future.result(10)
 
 
+def test_batches_do_not_wait_for_mates_while_a_runner_steps(store):
+    """After a batch of several jobs the worker may wait for as many again (fill_wait_s), but
+    not while a continuous batch is decoding: its steps would stall for the wait."""
+    from kiapi.runtime.worker import Batchable, BatchPolicy
+
+    harness = Harness(store)
+    harness.worker = Worker(store, max_queue=20, batch=BatchPolicy(fill_wait_s=5.0))
+    harness.worker.start()
+    try:
+        calls = []
+
+        def embed(items):
+            calls.append(list(items))
+            return [JobOutput(result={"n": i}) for i in items]
+
+        def batch(items):
+            return [
+                harness.worker.submit(store.create("e", {}), Batchable("k", i, embed))
+                for i in items
+            ]
+
+        long = harness.submit(10_000)
+        wait_until(lambda: ("step", [10_000]) in harness.log)
+        for future in batch([1, 2, 3]):  # queued together: a batch of several
+            future.result(5)
+        started = time.monotonic()
+        assert batch([4])[0].result(5).result == {"n": 4}  # one job, no mates coming
+        assert time.monotonic() - started < 2.0  # no 5 s wait for them
+        assert long.status == "running"
+    finally:
+        harness.worker.stop()
+
+
 def test_a_refused_join_fails_only_that_job(harness):
     good, bad = harness.submit(5), harness.submit("bad")
     with pytest.raises(ValueError, match="refused"):
