@@ -205,6 +205,8 @@ def dequantize_for_cpu(model: Any, layout: str | None = None, timer=None) -> str
       them (:mod:`kiapi.runtime.qmatmul`, compiled for this machine at first use): SmolLM2's
       products read 81 MB per token instead of 538, and the model holds 4-7x less memory.
       Only when the kernel is available and handles every layer's bits and group size.
+      SwiGLU MLPs then become :class:`kiapi.runtime.cpu_decoder.PackedMLP` (the activation
+      in the kernel too, between the two products, on NumPy buffers).
     * float32, expanded once: decoding streams 4-8x the memory through the BLAS, and which
       storage OpenBLAS streams faster depends on the CPU: ``rows`` keeps ``nn.Linear``'s
       (outputs, inputs) matrices (``x @ W.T``; faster on an AMD EPYC), ``columns`` stores them

@@ -1,28 +1,33 @@
 """Matrix products on MLX-quantized weights on the CPU, through kiapi's own kernel.
 
 MLX's CPU backend multiplies quantized matrices one scalar at a time on one thread (4-bit
-SmolLM2: 80-136 ms of products per decoded token, slower than the float32 expansion), so the
-chat engine used to hold its weights as float32 (540 MB for a 135M model) and stream them
+SmolLM2: 79-136 ms of products per decoded token, slower than the float32 expansion), so the
+chat engine used to hold its weights as float32 (538 MB for a 135M model) and stream them
 through the BLAS. ``qmatmul.c`` (package data, beside this module) multiplies the packed
 4- and 8-bit weights directly: widened to floats in registers, a 32-value block at a time,
-each weight row read once for every row of ``x``, rows split over the cores with OpenMP.
+each weight row read once for every row of ``x``, rows split over the cores with OpenMP. It
+also holds the element-wise work MLX's scalar ``exp`` makes slow: softmax (with attention's
+masks), SwiGLU and GELU (used by :mod:`kiapi.runtime.cpu_decoder` and the embedding engine).
 
 * :func:`kernel` compiles it once per machine with the C compiler (``$CC``, else ``cc``),
   ``-O3 -march=native``, into kiapi's cache folder (written to a temporary file and renamed,
   so a crash never leaves half a library), keyed by the source, the flags, the compiler and
   the CPU, and loads it with ``ctypes``. No compiler, or a failed build: ``None``, and the
-  engine keeps its float32 weights (MLX's own ``mx.compile`` needs the same compiler).
-* :class:`PackedLinear` (from :func:`packed_modules`) is an ``nn.Linear`` stand-in over the
-  packed tensors. A few rows (decoding: one per sequence) run the kernel at once: MLX
-  evaluates ``x``, the kernel reads it and the weights in place (NumPy views of MLX's
-  buffers, no copy) and writes the product, which becomes a new MLX array. Many rows
-  (prefill) expand the matrix to float32 into a scratch buffer and run the BLAS's
-  ``sgemm`` on it. A tied output head (:class:`PackedEmbedding`) over many rows stays lazy
-  (MLX's own quantized matmul): mlx-lm's prefill never evaluates those logits, so a
-  prompt's 255 rows of vocabulary products are never computed.
+  engines keep float32 weights and MLX's own ops (:func:`describe` says which).
+* :class:`PackedMatrix` holds one packed matrix. Up to :data:`KERNEL_ROWS` rows (decoding:
+  one per sequence) run the kernel: MLX evaluates ``x``, the kernel reads it and the weights
+  in place (NumPy views of MLX's buffers, no copy) and writes the product, which becomes a
+  new MLX array. More rows (a prompt chunk) expand the matrix to float32 into a scratch
+  buffer, exactly, and run the BLAS's ``sgemm`` on it.
+* :class:`PackedLinear` (from :func:`packed_modules`) is an ``nn.Linear`` stand-in over it;
+  :func:`pack_linears` stacks siblings that take the same input (q/k/v, gate/up) into one
+  matrix (:class:`SharedInput`). An output head (a tied :class:`PackedEmbedding`, an untied
+  ``lm_head``) over a prompt chunk stays lazy (MLX's own quantized matmul): mlx-lm's prefill
+  never evaluates those logits, so a prompt's rows of vocabulary products are never computed;
+  one position per sequence (decoding) always runs the kernel.
 
 Only the worker thread calls these modules (they run inside a model's forward pass); the
-scratch buffer belongs to that thread. MLX is imported lazily, in functions.
+scratch buffers belong to that thread. MLX is imported lazily, in functions.
 """
 
 from __future__ import annotations
@@ -53,7 +58,6 @@ OPENMP = "-fopenmp"
 # 78 ms through the kernel, 81 expanded; 32 rows 106 against 81 (by hand). Decoding's rows
 # are its sequences (up to the generator's 32); prefill's are a prompt chunk's tokens.
 KERNEL_ROWS = 24
-BITS = (4, 8)
 
 
 @functools.cache
