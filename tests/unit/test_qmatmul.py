@@ -259,3 +259,72 @@ def test_an_untied_head_leaves_prefill_logits_lazy(mx, monkeypatch):
     assert np.abs(np.array(logits) - chunk @ weight.T).max() < 1e-4
     step = packed(mx.array(chunk[:, -1:]))
     assert len(eager) == 1 and np.abs(np.array(step) - chunk[:, -1:] @ weight.T).max() < 1e-4
+
+
+PORTABLE_PROBE = """
+import numpy as np
+from kiapi.runtime import qmatmul
+from kiapi.runtime.mlx_import import import_mlx
+from tests.unit.test_dequantize import numpy_expansion
+
+mx = import_mlx()
+assert qmatmul.kernel() is not None, qmatmul.describe()
+worst = 0.0
+for bits in (4, 8):
+    for rows in (1, 9, 40):
+        dense = mx.array(np.random.default_rng(bits).standard_normal((72, 96)).astype(np.float32))
+        packed, scales, biases = mx.quantize(dense, group_size=32, bits=bits)
+        weight = numpy_expansion(packed, scales, biases, 32, bits).astype(np.float64)
+        x = np.random.default_rng(rows).standard_normal((rows, 96)).astype(np.float32)
+        ours = qmatmul.PackedMatrix(packed, scales, biases, 32, bits).matmul(mx.array(x))
+        expected = x.astype(np.float64) @ weight.T
+        scale = np.abs(x).astype(np.float64) @ np.abs(weight).T + 1
+        worst = max(worst, float((np.abs(np.array(ours) - expected) / scale).max()))
+scores = mx.array(np.random.default_rng(0).standard_normal((4, 50)).astype(np.float32)) * 1.0
+mx.eval(scores)
+values = np.array(scores)
+qmatmul.softmax_in_place(scores, threads=1)
+reference = np.exp(values - values.max(-1, keepdims=True))
+reference /= reference.sum(-1, keepdims=True)
+worst = max(worst, float(np.abs(np.array(scores) - reference).max()))
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("march", ["x86-64", "haswell"])
+def test_builds_for_older_x86_compute_the_same(tmp_path, march):
+    """The kernel's SSE2 (4 lanes, plain loops) and AVX2 (8 lanes) code, built by a C compiler
+    told to target those CPUs (this machine may have AVX-512): same products and softmax."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 only")
+    flags = Path("/proc/cpuinfo").read_text()
+    if march == "haswell" and not all(f in flags for f in (" avx2", " fma", " bmi2")):
+        pytest.skip("this CPU cannot run a Haswell build")
+    compiler = tmp_path / "cc"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        f'for a in "$@"; do shift; [ "$a" = -march=native ] && a=-march={march}; '
+        'set -- "$@" "$a"; done\n'
+        'exec cc "$@"\n'
+    )
+    compiler.chmod(0o755)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "CC": str(compiler), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", PORTABLE_PROBE], capture_output=True, text=True, env=env,
+        cwd=root, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-6
+    (library,) = (tmp_path / "cache").rglob("libkiapi_qmatmul.so")  # built there, not reused
+    disassembly = subprocess.run(
+        ["objdump", "-d", str(library)], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "zmm" not in disassembly  # no AVX-512: the target CPU was the one asked for
+    assert ("ymm" in disassembly) == (march == "haswell")
