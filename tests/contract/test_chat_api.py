@@ -270,14 +270,19 @@ def test_models_lists(live):
     assert "smollm2-135m-instruct" in ids and "all-minilm-l6-v2" in ids
 
 
-def test_kv_cache_admission_and_the_sync_timeout(tmp_path):
+def test_kv_cache_admission_and_the_sync_timeout(tmp_path, monkeypatch):
     """A completion whose KV cache does not fit beside the weights is a 503 saying so; a
     non-streamed completion that outlasts KIAPI_SYNC_TIMEOUT_S is a 504 naming its job,
     which keeps running to its end."""
-    from kiapi.runtime import qmatmul
+    from kiapi.runtime import llm_engine, qmatmul
 
     # room for the weights and a little more, not for 8000 tokens of KV cache (0.37 GB): the
-    # packed weights are ~0.12 GB with kiapi's CPU kernel, float32 ones ~0.55 GB without it
+    # packed weights are ~0.12 GB with kiapi's CPU kernel, float32 ones ~0.55 GB without it.
+    # The layout is fixed, not measured: a busy moment at load must not change the weights.
+    def fixed_layout(*args, packed=None, **kwargs):
+        return "rows" if packed is None else "packed"
+
+    monkeypatch.setattr(llm_engine, "faster_layout", fixed_layout)
     settings = Settings(
         _env_file=None,
         files_root=tmp_path / "files",
