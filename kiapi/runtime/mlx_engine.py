@@ -17,7 +17,6 @@ import importlib
 import importlib.machinery
 import importlib.util
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -393,14 +392,6 @@ def numpy_softmax(scores):
     return mx.array(out)
 
 
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity, e.g. a container's cpuset), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS has no sched_getaffinity
-        return os.cpu_count() or 1
-
-
 def fast_bert_applies(model) -> bool:
     """:class:`FastBert` serves mlx-embeddings' BERT models when MLX computes on the CPU."""
     mx = import_mlx()
@@ -416,12 +407,12 @@ class FastBert:
 
     * query, key and value are one matmul (weights concatenated once; the 1/sqrt(head size)
       scale folded into the query weights);
-    * the softmax and GELU run in kiapi's kernel (:meth:`_encode_with_kernel`); without it
-      (no C compiler) GELU uses :func:`polynomial_gelu` and large attention softmaxes
+    * the softmax and GELU run in kiapi's kernel (:meth:`__call__`); without it (no C
+      compiler) GELU uses :func:`polynomial_gelu` and large attention softmaxes
       :func:`numpy_softmax`;
-    * a batch of two or more is split in halves run on ``streams`` MLX CPU streams, with the
-      BLAS on ``cores // streams`` threads each: MLX's element-wise kernels use one core
-      each, so one stream per core keeps every core busy;
+    * a batch is split in halves run on ``streams`` MLX CPU streams, with the BLAS on
+      ``cores // streams`` threads each: MLX's element-wise kernels use one core each, so one
+      stream per core keeps every core busy;
     * the pooler (unused by mean pooling) is skipped;
     * an MLX-quantized checkpoint's matrices are expanded to float32 once
       (:func:`kiapi.runtime.mlx_quantized.float_linear_weight`).
@@ -447,7 +438,7 @@ class FastBert:
         self.numpy_softmax_min = numpy_softmax_min
         self.kernel = qmatmul.kernel() is not None if kernel is None else kernel
         self.two_stream_min_tokens = two_stream_min_tokens
-        cores = usable_cores()
+        cores = qmatmul.cpu_threads()
         self.streams = [mx.new_stream(mx.cpu) for _ in range(streams or min(2, cores))]
         self.threads_per_stream = max(1, cores // len(self.streams))
         self.cores = cores
@@ -487,114 +478,95 @@ class FastBert:
         return sum(p[key].nbytes for p in self.layers for key in copied)
 
     def __call__(self, input_ids, attention_mask):
-        mx = import_mlx()
-        rows = input_ids.shape[0]
-        if self.kernel:
-            return self._encode_with_kernel(input_ids, attention_mask)
-        if rows < 2 or len(self.streams) < 2:
-            blas.set_threads(self.cores)
-            return self._encode(input_ids, attention_mask, in_numpy=True)
-        # One BLAS thread per stream for this call only: the BLAS is process-wide, and the
-        # next model on the worker (a chat decode step) expects every core.
-        blas.set_threads(self.threads_per_stream)
-        try:
-            parts = []
-            for stream, index in zip(
-                self.streams, np.array_split(np.arange(rows), len(self.streams)), strict=True
-            ):
-                if len(index) == 0:
-                    continue
-                with mx.stream(stream):
-                    take = mx.array(index)
-                    parts.append(
-                        self._encode(input_ids[take], attention_mask[take], in_numpy=False)
-                    )
-            mx.eval(parts)
-            return mx.concatenate(parts)
-        finally:
-            blas.set_threads(self.cores)
-
-    def _encode(self, input_ids, attention_mask, *, in_numpy: bool):
-        mx = import_mlx()
-        batch, width = input_ids.shape
-        heads, size = self.heads, self.head_size
-        x = self.embeddings(input_ids)
-        additive_mask = ((1.0 - attention_mask.astype(mx.float32)) * -10000.0)[:, None, None, :]
-        for p in self.layers:
-            qkv = mx.addmm(p["b_qkv"], x, p["w_qkv"]).reshape(batch, width, 3, heads, size)
-            qkv = qkv.transpose(2, 0, 3, 1, 4)
-            scores = qkv[0] @ qkv[1].swapaxes(-1, -2) + additive_mask
-            if in_numpy and scores.size >= self.numpy_softmax_min:
-                probs = numpy_softmax(scores)
-            else:
-                probs = mx.softmax(scores, axis=-1)
-            context = (probs @ qkv[2]).transpose(0, 2, 1, 3).reshape(batch, width, heads * size)
-            x = p["norm1"](mx.addmm(p["b_out"], context, p["w_out"]) + x)
-            up = polynomial_gelu(mx.addmm(p["b_up"], x, p["w_up"]))
-            x = p["norm2"](mx.addmm(p["b_down"], up, p["w_down"]) + x)
-        return x
-
-    def _encode_with_kernel(self, input_ids, attention_mask):
-        """:meth:`_encode` with the softmax and GELU in kiapi's kernel (``qmatmul.c``,
-        vectorized), written into MLX's own buffers: MLX's CPU ``exp`` is scalar, and the
-        softmax and GELU were 37% and 21% of a 32 x 128-token batch. A batch of two or more
-        of ``two_stream_min_tokens`` padded tokens or more runs in halves on the MLX
-        streams (one BLAS thread each), which meet at the kernel twice per layer; a smaller
-        one runs on the default stream with the BLAS on every core (by hand, 12-token texts:
-        8 at once 296-359 -> 406-433 texts/s; at 32 the halves win, 583 -> 632). The
-        kernel runs on one thread: on two, a 32 x 12-token batch ran at 430 texts/s instead
-        of 656 (waking a team costs more than it saves there); 128-token batches gained
-        38 -> 52-57 texts/s either way (by hand, in-process)."""
+        """The encoder's last hidden state, evaluated. A batch of two or more rows runs in
+        halves on the MLX streams (one BLAS thread each); with kiapi's kernel only from
+        ``two_stream_min_tokens`` padded tokens, a smaller one on the default stream with the
+        BLAS on every core (by hand, 12-token texts: 8 at once 296-359 -> 406-433 texts/s;
+        at 32 the halves win, 583 -> 632). With the kernel, the softmax and GELU run in it,
+        written into MLX's own buffers (MLX's CPU ``exp`` is scalar: they were 37% and 21%
+        of a 32 x 128-token batch), so the halves meet there twice per layer; the kernel runs
+        on one thread (on two, a 32 x 12-token batch ran at 430 texts/s instead of 656, by
+        hand). Without it, the halves run unsynchronized: the softmax is MLX's (NumPy's for
+        a large one on one stream) and GELU :func:`polynomial_gelu`."""
         mx = import_mlx()
         rows, width = input_ids.shape
         heads, size = self.heads, self.head_size
-        split = rows >= 2 and rows * width >= self.two_stream_min_tokens
-        halves = len(self.streams) if split else 1
-        indices = [i for i in np.array_split(np.arange(rows), halves) if len(i)]
-        streams = self.streams if len(indices) > 1 else [mx.default_stream(mx.cpu)]
+        split = rows >= len(self.streams) >= 2  # every half has a row
+        if self.kernel:
+            split = split and rows * width >= self.two_stream_min_tokens
+        streams = self.streams if split else [mx.default_stream(mx.cpu)]
         parts = []
-        for stream, index in zip(streams, indices, strict=False):
+        halves = np.array_split(np.arange(rows), len(streams))
+        for stream, index in zip(streams, halves, strict=True):
             with mx.stream(stream):
                 take = mx.array(index)
                 mask = attention_mask[take].astype(mx.float32)
                 parts.append(
                     {
+                        "stream": stream,
                         "x": self.embeddings(input_ids[take]),
                         "mask": ((1.0 - mask) * -10000.0)[:, None, None, :],
                         "batch": len(index),
                     }
                 )
-        blas.set_threads(max(1, self.cores // len(parts)))
+
+        def softmax(scores):  # without the kernel: NumPy's for a large one on one stream
+            if not split and scores.size >= self.numpy_softmax_min:
+                return numpy_softmax(scores)
+            return mx.softmax(scores, axis=-1)
+
+        def each(step) -> None:  # one step of every part, each on its stream (lazy)
+            for part in parts:
+                with mx.stream(part["stream"]):
+                    step(part)
+
+        # the BLAS is process-wide: narrowed for this call only (a chat decode step next on
+        # the worker expects every core)
+        blas.set_threads(self.threads_per_stream if split else self.cores)
         try:
             for p in self.layers:
-                for stream, part in zip(streams, parts, strict=False):
-                    with mx.stream(stream):
-                        qkv = mx.addmm(p["b_qkv"], part["x"], p["w_qkv"])
-                        qkv = qkv.reshape(part["batch"], width, 3, heads, size)
-                        part["qkv"] = qkv.transpose(2, 0, 3, 1, 4)
-                        scores = part["qkv"][0] @ part["qkv"][1].swapaxes(-1, -2)
-                        part["scores"] = scores + part["mask"]
-                mx.eval([part["scores"] for part in parts])
-                for part in parts:
-                    qmatmul.softmax_in_place(part["scores"], threads=1)
-                for stream, part in zip(streams, parts, strict=False):
-                    with mx.stream(stream):
-                        context = (part["scores"] @ part["qkv"][2]).transpose(0, 2, 1, 3)
-                        context = context.reshape(part["batch"], width, heads * size)
-                        x = p["norm1"](mx.addmm(p["b_out"], context, p["w_out"]) + part["x"])
-                        part["x"], part["up"] = x, mx.addmm(p["b_up"], x, p["w_up"])
-                mx.eval([part["up"] for part in parts])
-                for part in parts:
-                    qmatmul.gelu_in_place(part["up"], threads=1)
-                for stream, part in zip(streams, parts, strict=False):
-                    with mx.stream(stream):
-                        down = mx.addmm(p["b_down"], part["up"], p["w_down"])
-                        part["x"] = p["norm2"](down + part["x"])
+
+                def attention_scores(part, p=p):
+                    qkv = mx.addmm(p["b_qkv"], part["x"], p["w_qkv"])
+                    qkv = qkv.reshape(part["batch"], width, 3, heads, size)
+                    part["qkv"] = qkv.transpose(2, 0, 3, 1, 4)
+                    scores = part["qkv"][0] @ part["qkv"][1].swapaxes(-1, -2)
+                    part["scores"] = scores + part["mask"]
+
+                def up_projection(part, p=p):
+                    context = (part["scores"] @ part["qkv"][2]).transpose(0, 2, 1, 3)
+                    context = context.reshape(part["batch"], width, heads * size)
+                    x = p["norm1"](mx.addmm(p["b_out"], context, p["w_out"]) + part["x"])
+                    part["x"], part["up"] = x, mx.addmm(p["b_up"], x, p["w_up"])
+
+                def down_projection(part, p=p):
+                    down = mx.addmm(p["b_down"], part["up"], p["w_down"])
+                    part["x"] = p["norm2"](down + part["x"])
+
+                each(attention_scores)
+                self._elementwise(parts, "scores", qmatmul.softmax_in_place, softmax)
+                each(up_projection)
+                self._elementwise(parts, "up", qmatmul.gelu_in_place, polynomial_gelu)
+                each(down_projection)
             out = [part["x"] for part in parts]
             mx.eval(out)
         finally:
             blas.set_threads(self.cores)
         return out[0] if len(out) == 1 else mx.concatenate(out)
+
+    def _elementwise(self, parts, key: str, in_place, fallback) -> None:
+        """Each part's ``key`` array through the kernel's ``in_place`` function (evaluated
+        first, written into its own buffer), or without the kernel ``fallback`` (lazy, on the
+        part's stream)."""
+        mx = import_mlx()
+        if self.kernel:
+            mx.eval([part[key] for part in parts])
+            for part in parts:
+                in_place(part[key], threads=1)
+            return
+        for part in parts:
+            with mx.stream(part["stream"]):
+                part[key] = fallback(part[key])
 
 
 class VisionLanguageEmbedder(_Embedder):

@@ -121,7 +121,7 @@ def test_a_two_stream_batch_gives_every_core_back_to_the_blas(minilm):
     chat model decoding next on the worker must not inherit one thread (it did: ~25% slower
     decode in a server that had embedded a batch)."""
     mx = import_mlx()
-    fast = FastBert(minilm.model.model, streams=2)
+    fast = FastBert(minilm.model.model, streams=2, two_stream_min_tokens=0)  # split 2 rows
     if blas.threads() is None or fast.cores < 2:
         pytest.skip("needs OpenBLAS and two cores")
     ids = mx.array([[101, 7592, 102], [101, 2088, 102]])
