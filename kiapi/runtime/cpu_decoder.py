@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 # whose attention calls the module-global ``scaled_dot_product_attention``.
 SWIGLU_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 ATTENTION_MIN_QUERIES = 8  # fewer (decoding): MLX's own attention, the softmax is tiny
-# One thread: the BLAS's threads run the products around these (prefill), and two thread
-# pools taking turns on the same cores wait on each other's spinning (prefill ran 2x slower)
+# One thread: the BLAS's threads run the products around these (prefill), and two pools
+# taking turns on two cores wait on each other (by hand, a 255-token prompt's first step
+# took 549 ms so, 574 on two threads; before OpenBLAS's spin was shortened, ~2x)
 ELEMENTWISE_THREADS = 1
 
 _installed: dict[str, Any] = {}  # module name -> mlx-lm's original function

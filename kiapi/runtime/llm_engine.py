@@ -238,11 +238,11 @@ def dequantize_for_cpu(model: Any, layout: str | None = None, timer=None) -> str
     )
     # lazy: a float32 matrix is computed only if the measurement or the layout uses it
     floats = [(path, float_linear_weight(module), module.get("bias")) for path, module in linears]
-    if layout is None:
+    if layout is None and not linears:  # an embedding alone: nothing to time
+        layout = "packed" if packable else "rows"
+    elif layout is None:
         candidates = [module for _, module in linears] if packable else None
         layout = faster_layout([w for _, w, _ in floats], timer, packed=candidates)
-        if not linears:
-            layout = "packed" if packable else "rows"
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     if layout == "packed":

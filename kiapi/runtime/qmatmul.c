@@ -55,30 +55,24 @@ static inline __attribute__((always_inline)) vf loadv(const float *p) {
  * conversion of bytes into byte-by-byte scalar code, so it is spelled out here). */
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
-#endif
+/* LANES bytes from p (16 with AVX-512, 8 with AVX2), and LANES bytes as floats. */
+static inline __attribute__((always_inline)) __m128i load_bytes(const uint8_t *p) {
 #if defined(__AVX512F__)
-static inline __attribute__((always_inline)) vf to_floats(__m128i bytes) {
-    __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-    vf out;
-    memcpy(&out, &f, sizeof(out));
-    return out;
-}
-static inline __attribute__((always_inline)) __m128i load_bytes(const uint8_t *p) {
     return _mm_loadu_si128((const __m128i *)p);
+#else
+    return _mm_loadl_epi64((const __m128i *)p);
+#endif
 }
-#elif defined(__AVX2__)
 static inline __attribute__((always_inline)) vf to_floats(__m128i bytes) {
-    __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+#if defined(__AVX512F__)
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+#else
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+#endif
     vf out;
     memcpy(&out, &f, sizeof(out));
     return out;
 }
-static inline __attribute__((always_inline)) __m128i load_bytes(const uint8_t *p) {
-    return _mm_loadl_epi64((const __m128i *)p); /* 8 bytes */
-}
-#endif
-
-#if defined(__AVX512F__) || defined(__AVX2__)
 static inline __attribute__((always_inline)) vf widen(const uint8_t *p) {
     return to_floats(load_bytes(p));
 }

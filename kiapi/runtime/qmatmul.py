@@ -270,17 +270,19 @@ class PackedMatrix:
             )  # fmt: skip
         else:
             full = _buffer("scratch", self.outputs * self.inputs)
-            # one thread: the BLAS's own threads run the product next, and two thread pools
-            # taking turns on the same cores wait on each other's spinning (5-10x slower)
+            # one thread: the BLAS's own threads run the product next, and two pools taking
+            # turns on two cores wait on each other (by hand, a 255-token prompt's first step
+            # took 549 ms so, 812 with the expansion on two threads)
             self._dequantize_into(full, threads=1)
             _call_sgemm(sgemm, x_view, full, out, rows, self.outputs, self.inputs)
         return out
 
     def _dequantize_into(self, out: Any, threads: int) -> None:
-        _, weight, scales, biases, outputs, group, bits = self._fixed
+        c = ctypes
         kernel().kiapi_dequantize(
-            weight, scales, biases, outputs, self._fixed[0], group, bits,
-            ctypes.c_void_p(out.ctypes.data), ctypes.c_int(threads),
+            *(c.c_void_p(v.ctypes.data) for v in self._views), c.c_int(self.outputs),
+            c.c_int(self.inputs), c.c_int(self.group_size), c.c_int(self.bits),
+            c.c_void_p(out.ctypes.data), c.c_int(threads),
         )  # fmt: skip
 
     def dequantized(self) -> Any:
@@ -483,10 +485,10 @@ def packed_modules() -> tuple[type, type]:
         def __call__(self, x: Any) -> Any:
             if self._lazy_prefill and prefill(x):
                 y = lazy_product(self._shared.matrix, x)
-                return y + self.bias if "bias" in self else y
-            y = self._shared.product(x)
-            if self._rows is not None:
-                y = y[..., self._rows[0] : self._rows[1]]
+            else:
+                y = self._shared.product(x)
+                if self._rows is not None:
+                    y = y[..., self._rows[0] : self._rows[1]]
             return y + self.bias if "bias" in self else y
 
     class PackedEmbedding(nn.Module):
