@@ -102,9 +102,11 @@ def make_texts(tokens: int, count: int, seed: int = 0) -> list[str]:
 def direct(tokens_list: list[int], seconds: float) -> dict[str, dict[str, float]]:
     """Run in this process: sentences/s of the engine at batch 1, 8, 32 per text length."""
     from kiapi.config import Settings
-    from kiapi.runtime import blas
+    from kiapi.runtime import blas, qmatmul
 
-    blas.activate(Settings(_env_file=None).blas)  # KIAPI_BLAS, as the server reads it
+    settings = Settings(_env_file=None)
+    blas.activate(settings.blas)  # KIAPI_BLAS, as the server reads it
+    qmatmul.configure(settings.matmul_precision)  # KIAPI_MATMUL_PRECISION, likewise
     from kiapi.runtime.catalog import default_registry
     from kiapi.runtime.embedding import EmbeddingItem
     from kiapi.runtime.mlx_engine import load_embedding_model
@@ -286,13 +288,18 @@ def run_kiapi(name: str, env: dict[str, str], texts, clients, seconds) -> Server
     return ServerRun(name, warm_s, rss_warm, rss_after, results)
 
 
-INFINITY_ENGINES = ("torch", "optimum")  # optimum: ONNX Runtime, infinity's fastest on CPU
+# optimum: ONNX Runtime, infinity's fastest on CPU in float32; "torch:bfloat16" runs its torch
+# engine in bfloat16 (oneDNN uses AMX where the CPU has it), the precision kiapi's products
+# run in there by default (KIAPI_MATMUL_PRECISION=auto)
+INFINITY_ENGINES = ("torch", "optimum", "torch:bfloat16")
 
 
 def run_infinity(engine: str, texts, clients, seconds) -> ServerRun:
-    """The peer server on the same folder, from its own venv (``peers.py``), one engine."""
+    """The peer server on the same folder, from its own venv (``peers.py``), one engine
+    (``engine:dtype`` for another dtype than its default)."""
     from peers import PEER_ENV, onnx_copy, python_for
 
+    engine, _, dtype = engine.partition(":")
     python = python_for(f"infinity-{engine}")
     model = ["--model-id", str(model_folder())]
     if engine == "optimum":
@@ -303,7 +310,8 @@ def run_infinity(engine: str, texts, clients, seconds) -> ServerRun:
     port = free_port()
     server, warm_s = start_peer(
         [str(python), "-m", "infinity_emb.cli", "v2", *model]
-        + ["--port", str(port), "--engine", engine, "--batch-size", "32"],
+        + ["--port", str(port), "--engine", engine, "--batch-size", "32"]
+        + (["--dtype", dtype] if dtype else []),
         PEER_ENV,
         f"http://127.0.0.1:{port}/health",
         f"infinity ({engine})",
@@ -322,7 +330,8 @@ def run_infinity(engine: str, texts, clients, seconds) -> ServerRun:
         rss_after = process.memory_info().rss / 2**20
     finally:
         stop_server(server)
-    return ServerRun(f"infinity-emb 0.0.78, {engine} engine", warm_s, rss_warm, rss_after, results)
+    name = f"infinity-emb 0.0.78, {engine} engine" + (f", {dtype}" if dtype else "")
+    return ServerRun(name, warm_s, rss_warm, rss_after, results)
 
 
 # --------------------------------------------------------------------------- report

@@ -43,6 +43,7 @@ def _files_root(settings: Settings) -> Check:
 
 def checks(settings: Settings) -> list[Check]:
     status = blas.activate(settings.blas)
+    qmatmul.configure(settings.matmul_precision)
     from kiapi.runtime import mlx_engine  # imports MLX after the BLAS, as the server does
 
     found = [

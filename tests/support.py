@@ -215,3 +215,13 @@ def put_in_hf_cache(cache: Path, repo: str, model_folder: Path) -> Path:
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(revision)
     return root
+
+
+def minilm_weight_bytes(bf16: bool) -> int:
+    """all-MiniLM-L6-v2's float32 parameters and what FastBert adds: every matrix as bfloat16
+    tiles with its float32 bias, or in float32 the fused query/key/value of 6 layers."""
+    params = 22_713_216
+    if bf16:
+        matrices = 6 * (1152 * 384 + 384 * 384 + 2 * 1536 * 384)
+        return params * 4 + matrices * 2 + 6 * (1152 + 384 + 1536 + 384) * 4
+    return params * 4 + 6 * (1152 * 384 + 1152) * 4

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 from kiapi.config import Settings
-from kiapi.runtime import blas
+from kiapi.runtime import blas, qmatmul
 from kiapi.runtime.catalog import CAPABILITIES, default_registry
 from kiapi.runtime.errors import ClientGone, ModelNotSetUp, Overloaded, SyncTimeout
 from kiapi.runtime.files import FileStore
@@ -153,6 +153,7 @@ class Runtime:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         blas.activate(self.settings.blas)
+        qmatmul.configure(self.settings.matmul_precision)
         for note in self._default_notes:
             log.warning(note)
         for problem in self.registry.problems:

@@ -407,6 +407,10 @@ class FastBert:
 
     * query, key and value are one matmul (weights concatenated once; the 1/sqrt(head size)
       scale folded into the query weights);
+    * where :func:`kiapi.runtime.qmatmul.bf16_products` holds (a CPU with AMX, the
+      ``matmul_precision`` setting ``auto``), the four products of a layer run in bfloat16 on
+      AMX tiles (:class:`kiapi.runtime.qmatmul.Bf16Linear`, weights held as tiles, float32
+      sums), else in float32 through MLX and the BLAS;
     * the softmax and GELU run in kiapi's kernel (:meth:`__call__`); without it (no C
       compiler) GELU uses :func:`polynomial_gelu` and large attention softmaxes
       :func:`numpy_softmax`;
@@ -428,6 +432,7 @@ class FastBert:
         numpy_softmax_min: int = NUMPY_SOFTMAX_MIN,
         kernel: bool | None = None,
         two_stream_min_tokens: int = TWO_STREAM_MIN_TOKENS,
+        bf16: bool | None = None,
     ):
         mx = import_mlx()
         config = model.config
@@ -443,39 +448,58 @@ class FastBert:
         self.threads_per_stream = max(1, cores // len(self.streams))
         self.cores = cores
         scale = 1 / math.sqrt(self.head_size)
+        self.bf16 = self.kernel and qmatmul.bf16_products() and bf16 is not False
         self.layers = []
         self.quantized = "scales" in model.encoder.layer[0].intermediate.dense
         for layer in model.encoder.layer:
             att = layer.attention.self
-            self.layers.append(
-                {
-                    "w_qkv": mx.concatenate(
+            matrices = {  # (outputs, inputs) weights and biases
+                "qkv": (
+                    mx.concatenate(
                         [
                             float_linear_weight(att.query) * scale,
                             float_linear_weight(att.key),
                             float_linear_weight(att.value),
                         ]
-                    ).T,
-                    "b_qkv": mx.concatenate([att.query.bias * scale, att.key.bias, att.value.bias]),
-                    "w_out": float_linear_weight(layer.attention.output.dense).T,
-                    "b_out": layer.attention.output.dense.bias,
-                    "norm1": layer.attention.output.LayerNorm,
-                    "w_up": float_linear_weight(layer.intermediate.dense).T,
-                    "b_up": layer.intermediate.dense.bias,
-                    "w_down": float_linear_weight(layer.output.dense).T,
-                    "b_down": layer.output.dense.bias,
-                    "norm2": layer.output.LayerNorm,
-                }
-            )
-        mx.eval([{k: v for k, v in p.items() if not k.startswith("norm")} for p in self.layers])
+                    ),
+                    mx.concatenate([att.query.bias * scale, att.key.bias, att.value.bias]),
+                ),
+                "out": layer.attention.output.dense,
+                "up": layer.intermediate.dense,
+                "down": layer.output.dense,
+            }
+            params = {"norm1": layer.attention.output.LayerNorm, "norm2": layer.output.LayerNorm}
+            for name, matrix in matrices.items():
+                if not isinstance(matrix, tuple):
+                    matrix = float_linear_weight(matrix), matrix.bias
+                weight, bias = matrix
+                if self.bf16 and qmatmul.bf16_shape(*weight.shape):
+                    params[name] = qmatmul.Bf16Linear(weight, bias)
+                else:
+                    params[f"w_{name}"], params[f"b_{name}"] = weight.T, bias
+                    mx.eval(weight, bias)
+            self.layers.append(params)
 
     def extra_bytes(self) -> int:
-        """Memory it adds to the model's own weights: the fused QKV weights and biases, and
-        for an MLX-quantized model the float32 copies of the other matrices too (for a float
-        one they are views of the model's own)."""
+        """Memory it adds to the model's own weights: the bfloat16 tiles of every matrix, or
+        in float32 the fused QKV weights and biases, and for an MLX-quantized model the
+        float32 copies of the other matrices too (for a float one they are views of the
+        model's own)."""
         copied = ("w_qkv", "b_qkv", "w_out", "w_up", "w_down") if self.quantized else (
             "w_qkv", "b_qkv")  # fmt: skip
-        return sum(p[key].nbytes for p in self.layers for key in copied)
+        return sum(
+            value.nbytes
+            for p in self.layers
+            for key, value in p.items()
+            if key in copied or isinstance(value, qmatmul.Bf16Linear)
+        )
+
+    def _product(self, p, name: str, x):
+        """``x @ W + b`` of the layer's matrix ``name``: in bfloat16 now, or a lazy float32
+        ``addmm``."""
+        if name in p:
+            return p[name](x)
+        return import_mlx().addmm(p[f"b_{name}"], x, p[f"w_{name}"])
 
     def __call__(self, input_ids, attention_mask):
         """The encoder's last hidden state, evaluated. A batch of two or more rows runs in
@@ -515,7 +539,9 @@ class FastBert:
                 return numpy_softmax(scores)
             return mx.softmax(scores, axis=-1)
 
-        def each(step) -> None:  # one step of every part, each on its stream (lazy)
+        def each(step, ready: str) -> None:  # one step of every part, each on its stream
+            if self.bf16:  # its bfloat16 product runs now: the parts' inputs, side by side
+                mx.eval([part[ready] for part in parts])
             for part in parts:
                 with mx.stream(part["stream"]):
                     step(part)
@@ -527,27 +553,34 @@ class FastBert:
             for p in self.layers:
 
                 def attention_scores(part, p=p):
-                    qkv = mx.addmm(p["b_qkv"], part["x"], p["w_qkv"])
+                    qkv = self._product(p, "qkv", part["x"])
                     qkv = qkv.reshape(part["batch"], width, 3, heads, size)
                     part["qkv"] = qkv.transpose(2, 0, 3, 1, 4)
                     scores = part["qkv"][0] @ part["qkv"][1].swapaxes(-1, -2)
                     part["scores"] = scores + part["mask"]
 
-                def up_projection(part, p=p):
+                def context(part):
                     context = (part["scores"] @ part["qkv"][2]).transpose(0, 2, 1, 3)
-                    context = context.reshape(part["batch"], width, heads * size)
-                    x = p["norm1"](mx.addmm(p["b_out"], context, p["w_out"]) + part["x"])
-                    part["x"], part["up"] = x, mx.addmm(p["b_up"], x, p["w_up"])
+                    part["context"] = context.reshape(part["batch"], width, heads * size)
+
+                def up_projection(part, p=p):
+                    out = self._product(p, "out", part.pop("context"))
+                    part["x"] = p["norm1"](out + part["x"])
+
+                def activation_input(part, p=p):
+                    part["up"] = self._product(p, "up", part["x"])
 
                 def down_projection(part, p=p):
-                    down = mx.addmm(p["b_down"], part["up"], p["w_down"])
+                    down = self._product(p, "down", part["up"])
                     part["x"] = p["norm2"](down + part["x"])
 
-                each(attention_scores)
+                each(attention_scores, ready="x")
                 self._elementwise(parts, "scores", qmatmul.softmax_in_place, softmax)
-                each(up_projection)
+                each(context, ready="scores")
+                each(up_projection, ready="context")
+                each(activation_input, ready="x")
                 self._elementwise(parts, "up", qmatmul.gelu_in_place, polynomial_gelu)
-                each(down_projection)
+                each(down_projection, ready="up")
             out = [part["x"] for part in parts]
             mx.eval(out)
         finally:
@@ -562,7 +595,7 @@ class FastBert:
         if self.kernel:
             mx.eval([part[key] for part in parts])
             for part in parts:
-                in_place(part[key], threads=1)
+                in_place(part[key], threads=self.cores if self.bf16 else 1)
             return
         for part in parts:
             with mx.stream(part["stream"]):

@@ -244,18 +244,16 @@ void kiapi_qgemv(const float *x, int M, int K, const uint32_t *packed, const flo
 /* The float32 (N, K) matrix: out[n, k] = scale * q + bias, rounded after the product and
  * after the sum (no fused multiply-add), exactly as kiapi's float32 expansion
  * (mlx_quantized.dequantized_float32) computes it. */
-__attribute__((optimize("fp-contract=off"))) void kiapi_dequantize(
-    const uint32_t *packed, const float *scales, const float *biases, int N, int K, int group,
-    int bits, float *out, int threads) {
+__attribute__((optimize("fp-contract=off"))) static void dequantize_row(
+    const uint32_t *packed, const float *scales, const float *biases, int n, int K, int group,
+    int bits, float *o) {
 #ifdef __clang__
 #pragma clang fp contract(off) /* clang ignores GCC's optimize attribute */
 #endif
     const int groups = K / group, per_group = group / 32;
     const size_t row_bytes = (size_t)K * bits / 8;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int n = 0; n < N; n++) {
+    {
         const uint8_t *w = (const uint8_t *)packed + n * row_bytes;
-        float *o = out + (size_t)n * K;
         for (int g = 0; g < groups; g++) {
             const float s = scales[(size_t)n * groups + g], b = biases[(size_t)n * groups + g];
             for (int blk = g * per_group; blk < (g + 1) * per_group; blk++) {
@@ -286,6 +284,13 @@ __attribute__((optimize("fp-contract=off"))) void kiapi_dequantize(
     }
 }
 
+void kiapi_dequantize(const uint32_t *packed, const float *scales, const float *biases, int N,
+                      int K, int group, int bits, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; n++)
+        dequantize_row(packed, scales, biases, n, K, group, bits, out + (size_t)n * K);
+}
+
 /* ---- element-wise work of a decoder block, vectorized and split over threads ----------- */
 
 /* exp(x) to ~2 ulp for x in [-87, 88] (clamped outside): 2^(x log2 e) as 2^n times a degree-6
@@ -310,6 +315,30 @@ static inline float fast_exp(float x) {
     return p * scale;
 }
 
+/* The largest of n floats, and their sum (a tree over LANES partial sums), LANES at a time. */
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+static inline float max_of(const float *x, int n) {
+    vf top = (vf){0} - 3.0e38f;
+    int j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        const vf v = loadv(x + j);
+        const vi bigger = v > top;
+        top = (vf)(((vi)v & bigger) | ((vi)top & ~bigger));
+    }
+    float best = -3.0e38f;
+    for (int i = 0; i < LANES; i++) best = top[i] > best ? top[i] : best;
+    for (; j < n; j++) best = x[j] > best ? x[j] : best;
+    return best;
+}
+static inline float sum_of(const float *x, int n) {
+    vf acc = (vf){0};
+    int j = 0;
+    for (; j + LANES <= n; j += LANES) acc += loadv(x + j);
+    float total = sumv(acc);
+    for (; j < n; j++) total += x[j];
+    return total;
+}
+
 /* Softmax of each of `rows` rows of `cols` values (`out` may be `in`), over the entries a
  * mask keeps; the others become 0, as a mask's -inf would make them (a row that keeps none
  * becomes all 0, not NaN). The rows are attention scores: blocks of `queries` rows (one
@@ -332,16 +361,22 @@ void kiapi_softmax(const float *in, float *out, int rows, int cols, int queries,
         }
         const uint8_t *k = NULL;
         if (keep) k = keep + ((size_t)(keep_batched ? r / rows_per_batch : 0) * queries + q) * cols;
-        float top = -3.0e38f;
-        for (int j = 0; j < seen; j++) {
-            const float v = k && !k[j] ? -3.0e38f : row[j];
-            top = v > top ? v : top;
-        }
-        float total = 0;
-        for (int j = 0; j < seen; j++) {
-            const float e = k && !k[j] ? 0.0f : fast_exp(row[j] - top);
-            o[j] = e;
-            total += e;
+        float top = -3.0e38f, total = 0;
+        if (k) {
+            for (int j = 0; j < seen; j++) {
+                const float v = !k[j] ? -3.0e38f : row[j];
+                top = v > top ? v : top;
+            }
+            for (int j = 0; j < seen; j++) {
+                const float e = !k[j] ? 0.0f : fast_exp(row[j] - top);
+                o[j] = e;
+                total += e;
+            }
+        } else { /* LANES at a time: GCC vectorizes neither reduction of floats itself */
+            top = max_of(row, seen);
+#pragma GCC ivdep /* o may be row: each element is read before it is written */
+            for (int j = 0; j < seen; j++) o[j] = fast_exp(row[j] - top);
+            total = sum_of(o, seen);
         }
         if (total > 0) {
             const float inverse = 1.0f / total;
@@ -360,6 +395,7 @@ void kiapi_swiglu(const float *gate_up, int rows, int hidden, float *out, int th
     for (int r = 0; r < rows; r++) {
         const float *g = gate_up + (size_t)r * 2 * hidden, *u = g + hidden;
         float *o = out + (size_t)r * hidden;
+#pragma GCC ivdep /* out is not gate_up */
         for (int j = 0; j < hidden; j++) o[j] = g[j] / (1.0f + fast_exp(-g[j])) * u[j];
     }
 }
@@ -379,4 +415,197 @@ void kiapi_gelu(float *x, long count, int threads) {
         const float erf_abs = 1.0f - 1.0f / (p * p);
         x[i] = 0.5f * v * (1.0f + (v < 0 ? -erf_abs : erf_abs));
     }
+}
+
+/* ---- bfloat16 products on AMX tiles --------------------------------------------------------
+ *
+ * Intel's AMX (Sapphire Rapids and later) multiplies 16 x 32 bfloat16 tiles into 16 x 16
+ * float32 ones: by hand, 3.4 TFLOP/s on one core of this project's Xeon, against about 0.2 for
+ * float32 through the BLAS. Products over many rows (a prompt chunk, an embedding batch) run
+ * here when the CPU has it: x and the weights rounded to bfloat16 (to nearest, ties to even),
+ * products summed in float32. The weights are laid out once per matrix as the tiles read them
+ * ("packed"): for each block of 16 outputs and 32 inputs, 16 rows (input pairs) of 16 outputs'
+ * two values, 1 KB per tile, a block of outputs' tiles consecutive along the inputs:
+ *
+ *   packed[((nb * K/32 + kb) * 16 + p) * 32 + 2 n + e] = w[16 nb + n][32 kb + 2 p + e]
+ *
+ * N and K must be multiples of 32 (the caller checks). Compiled in only where -march=native
+ * has AMX; kiapi_bf16_ready() says whether it is there and the kernel lets this process use
+ * it (Linux hands out the tile state on request); kiapi_gemm_bf16 checks it too. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define KIAPI_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* float32 -> bfloat16, round to nearest even (NaN is not expected: activations and weights) */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+int kiapi_bf16_ready(void) {
+#ifdef KIAPI_AMX
+    static int ready = -1; /* asked once; the caller (qmatmul.py) holds a lock */
+    if (ready < 0) /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: the whole process */
+        ready = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return ready;
+#else
+    return 0;
+#endif
+}
+
+/* 16 rows (outputs n0 .. n0 + 15) of K floats each into their K/32 packed tiles. */
+static void pack_block(const float *rows, int K, uint16_t *out) {
+    for (int kb = 0; kb < K / 32; kb++) {
+        uint16_t *tile = out + (size_t)kb * 512;
+        for (int n = 0; n < 16; n++) {
+            const float *src = rows + (size_t)n * K + kb * 32;
+            for (int p = 0; p < 16; p++) {
+                tile[p * 32 + 2 * n] = to_bf16(src[2 * p]);
+                tile[p * 32 + 2 * n + 1] = to_bf16(src[2 * p + 1]);
+            }
+        }
+    }
+}
+
+/* A float32 (N, K) matrix, packed. */
+void kiapi_pack_bf16(const float *w, int N, int K, uint16_t *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int nb = 0; nb < N / 16; nb++)
+        pack_block(w + (size_t)nb * 16 * K, K, out + (size_t)nb * 16 * K);
+}
+
+/* A quantized (N, K) matrix, expanded exactly as kiapi_dequantize does, then packed; `work`
+ * holds threads * 16 * K floats. */
+void kiapi_dequantize_bf16(const uint32_t *packed, const float *scales, const float *biases,
+                           int N, int K, int group, int bits, uint16_t *out, float *work,
+                           int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int nb = 0; nb < N / 16; nb++) {
+#ifdef _OPENMP
+        float *rows = work + (size_t)omp_get_thread_num() * 16 * K;
+#else
+        float *rows = work;
+#endif
+        for (int n = 0; n < 16; n++)
+            dequantize_row(packed, scales, biases, nb * 16 + n, K, group, bits,
+                           rows + (size_t)n * K);
+        pack_block(rows, K, out + (size_t)nb * 16 * K);
+    }
+}
+
+#ifdef KIAPI_AMX
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+};
+
+/* A 32 x 32 block of y: rows m0 .. m0 + 31, outputs 32 cb .. 32 cb + 31. x comes as tiles
+ * (kiapi_gemm_bf16's `work`), the weights packed; tiles 0-3 sum (starting from the bias, a
+ * row read 16 times), 4-5 hold x, 6-7 the weights. A block with rows past M is stored aside
+ * and its rows below M copied. */
+static inline void block_32x32(const uint16_t *xt, int M, int K, const uint16_t *w, int N,
+                               const float *bias, const float *zeros, float *y, int m0, int cb) {
+    const int blocks = K / 32;
+    const uint16_t *a0 = xt + (size_t)m0 * K, *a1 = a0 + (size_t)16 * K;
+    const uint16_t *b0 = w + (size_t)2 * cb * 16 * K, *b1 = b0 + (size_t)16 * K;
+    const float *c0 = bias ? bias + 32 * cb : zeros, *c1 = bias ? c0 + 16 : zeros;
+    _tile_loadd(0, c0, 0);
+    _tile_loadd(1, c1, 0);
+    _tile_loadd(2, c0, 0);
+    _tile_loadd(3, c1, 0);
+    for (int kb = 0; kb < blocks; kb++) {
+        _tile_loadd(4, a0 + (size_t)kb * 512, 64);
+        _tile_loadd(5, a1 + (size_t)kb * 512, 64);
+        _tile_loadd(6, b0 + (size_t)kb * 512, 64);
+        _tile_loadd(7, b1 + (size_t)kb * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    float *dst = y + (size_t)m0 * N + 32 * cb;
+    const long stride = (long)N * 4;
+    if (m0 + 32 <= M) {
+        _tile_stored(0, dst, stride);
+        _tile_stored(1, dst + 16, stride);
+        _tile_stored(2, dst + (size_t)16 * N, stride);
+        _tile_stored(3, dst + (size_t)16 * N + 16, stride);
+        return;
+    }
+    float c[32][32] __attribute__((aligned(64)));
+    _tile_stored(0, &c[0][0], 128);
+    _tile_stored(1, &c[0][16], 128);
+    _tile_stored(2, &c[16][0], 128);
+    _tile_stored(3, &c[16][16], 128);
+    for (int r = 0; m0 + r < M; r++) memcpy(dst + (size_t)r * N, c[r], sizeof(c[r]));
+}
+#endif
+
+/* y (M, N) = x (M, K) times the packed (N, K) matrix, transposed, plus `bias` (N; or NULL).
+ * `work` holds ((M + 31) / 32 * 32) * K bfloat16 values (x, rounded, padded and tiled). Threads split
+ * the rows of y when there are enough of them (each thread then reads every weight tile), else
+ * the outputs; a thread walks its rows 128 at a time (x's block stays in its L2 cache) against
+ * all its outputs. */
+int kiapi_gemm_bf16(const float *x, int M, int K, const uint16_t *w, int N, const float *bias,
+                    float *y, uint16_t *work, int threads) {
+    if (!kiapi_bf16_ready()) return -1; /* no AMX, or Linux refused it: tiles would fault */
+#ifdef KIAPI_AMX
+    const int padded = (M + 31) / 32 * 32, blocks = K / 32;
+    /* x rounded, as tiles: rows 16 r .. 16 r + 15, inputs 32 kb .. 32 kb + 31 at
+     * work[(r * K/32 + kb) * 512], 64 bytes a row (one contiguous kilobyte per tile) */
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int m = 0; m < padded; m++) {
+        uint16_t *dst = work + (size_t)(m / 16) * 16 * K + (m % 16) * 32;
+        const float *src = x + (size_t)m * K;
+        for (int kb = 0; kb < blocks; kb++)
+            for (int k = 0; k < 32; k++)
+                dst[(size_t)kb * 512 + k] = m < M ? to_bf16(src[kb * 32 + k]) : 0;
+    }
+    static const float zeros[16] __attribute__((aligned(64)));
+    const int row_blocks = padded / 32, column_blocks = N / 32;
+#pragma omp parallel num_threads(threads)
+    {
+        int team = 1, me = 0;
+#ifdef _OPENMP
+        team = omp_get_num_threads();
+        me = omp_get_thread_num();
+#endif
+        struct tile_config config;
+        memset(&config, 0, sizeof(config));
+        config.palette = 1;
+        for (int t = 0; t < 8; t++) {
+            config.rows[t] = 16;
+            config.bytes_per_row[t] = 64;
+        }
+        _tile_loadconfig(&config);
+        int r0 = 0, r1 = row_blocks, c0 = 0, c1 = column_blocks;
+        if (row_blocks >= team) {
+            r0 = row_blocks * me / team;
+            r1 = row_blocks * (me + 1) / team;
+        } else {
+            c0 = column_blocks * me / team;
+            c1 = column_blocks * (me + 1) / team;
+        }
+        for (int rb = r0; rb < r1; rb += 4) {
+            const int rend = rb + 4 < r1 ? rb + 4 : r1;
+            for (int cb = c0; cb < c1; cb++)
+                for (int r = rb; r < rend; r++)
+                    block_32x32(work, M, K, w, N, bias, zeros, y, 32 * r, cb);
+        }
+        _tile_release();
+    }
+    return 0;
+#else
+    (void)x, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)y, (void)work, (void)threads;
+    return -1;
+#endif
 }

@@ -38,10 +38,35 @@ def test_the_expansion_is_exact(mx, bits, group_size):
     assert np.array_equal(np.array(matrix.dequantized()), expected)
 
 
+@pytest.fixture
+def float32_products():
+    """Products over many rows in float32 (the BLAS), whatever this CPU could do."""
+    from kiapi.runtime import qmatmul
+
+    qmatmul.configure("float32")
+    yield
+    qmatmul.configure("auto")
+
+
+@pytest.fixture
+def bf16(mx):
+    from kiapi.runtime import qmatmul
+
+    if not qmatmul.bf16_products():
+        pytest.skip("this CPU has no AMX (or KIAPI_MATMUL_PRECISION=float32)")
+
+
+def bf16_rounded(a) -> np.ndarray:
+    """float32 values rounded to bfloat16 (to nearest, ties to even), as float64."""
+    bits = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, 32, 33])
-def test_products_agree_with_numpy(mx, bits, group_size, rows):
+def test_products_agree_with_numpy(mx, bits, group_size, rows, float32_products):
     """Inputs of 96 (group 32: an odd count of 32-value blocks, the kernel's tail) or 384;
     up to KERNEL_ROWS (32) rows run the kernel (in sweeps of 8), more the BLAS on the
     expansion."""
@@ -56,6 +81,71 @@ def test_products_agree_with_numpy(mx, bits, group_size, rows):
     expected = x.astype(np.float64) @ weight.T
     scale = np.abs(x).astype(np.float64) @ np.abs(weight).T  # the sum's magnitude
     assert (np.abs(np.array(ours) - expected) <= 1e-6 * scale + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 31, 32, 33, 100])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bf16_products_agree_with_numpy_on_rounded_values(mx, bf16, rows, with_bias):
+    """AMX tiles: x and W rounded to bfloat16 (ties to even), every product exact in
+    float32, the sums in float32: within float32 rounding of NumPy's float64 product of the
+    rounded values. Rows below, at and past the tiles' 16 and 32 (padding, partial blocks);
+    96 inputs (three 32-wide tiles), 64 outputs (two 32-wide blocks)."""
+    from kiapi.runtime.qmatmul import Bf16Linear
+
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32) if with_bias else None
+    x = rng.standard_normal((rows, 96)).astype(np.float32)
+    linear = Bf16Linear(mx.array(w), None if b is None else mx.array(b))
+    ours = np.array(linear(mx.array(x)))
+    expected = bf16_rounded(x) @ bf16_rounded(w).T + (0 if b is None else b)
+    scale = np.abs(bf16_rounded(x)) @ np.abs(bf16_rounded(w)).T
+    assert ours.shape == (rows, 64)
+    assert (np.abs(ours - expected) <= 1e-6 * scale + 1e-6).all()
+    # and not the float32 product: the rounding is really there
+    assert np.abs(ours - (x.astype(np.float64) @ w.T + (0 if b is None else b))).max() > 1e-3
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_prompt_chunk_expands_to_bf16_tiles(mx, bf16, bits):
+    """Over KERNEL_ROWS rows a packed matrix expands into bfloat16 tiles and multiplies on
+    AMX: the expansion is exact before rounding, so the product is NumPy's on the rounded
+    expansion; with ``matmul_precision`` float32 the same call is the float32 product."""
+    from kiapi.runtime import qmatmul
+    from kiapi.runtime.qmatmul import PackedMatrix
+
+    packed, scales, biases = quantized(mx, 96, 128, bits, 64, seed=bits)
+    matrix = PackedMatrix(packed, scales, biases, 64, bits)
+    weight = numpy_expansion(packed, scales, biases, 64, bits)
+    x = np.random.default_rng(bits).standard_normal((40, 128)).astype(np.float32)
+    ours = np.array(matrix.matmul(mx.array(x)))
+    expected = bf16_rounded(x) @ bf16_rounded(weight).T
+    scale = np.abs(bf16_rounded(x)) @ np.abs(bf16_rounded(weight)).T
+    assert (np.abs(ours - expected) <= 1e-6 * scale + 1e-6).all()
+    qmatmul.configure("float32")
+    try:
+        exact = np.array(matrix.matmul(mx.array(x)))
+    finally:
+        qmatmul.configure("auto")
+    full = x.astype(np.float64) @ weight.astype(np.float64).T
+    assert (np.abs(exact - full) <= 1e-6 * (np.abs(x) @ np.abs(weight).T) + 1e-6).all()
+    assert np.abs(ours - full).max() > 1e-3
+
+
+def test_bf16_settings_and_shapes_are_checked(mx):
+    from kiapi.runtime import qmatmul
+
+    with pytest.raises(ValueError, match="matmul precision"):
+        qmatmul.configure("float16")
+    assert qmatmul.bf16_shape(64, 96) and not qmatmul.bf16_shape(48, 96)
+    if qmatmul.bf16_products():
+        with pytest.raises(ValueError, match="AMX tiles"):
+            qmatmul.Bf16Linear(mx.zeros((48, 64)))
+    qmatmul.configure("float32")
+    try:
+        assert not qmatmul.bf16_products()
+    finally:
+        qmatmul.configure("auto")
 
 
 def test_unsupported_quantizations_are_refused(mx):
@@ -119,7 +209,7 @@ def test_siblings_share_one_product(mx):
     assert params["q_proj.weight"].shape[0] == 128
 
 
-def test_a_packed_model_computes_what_the_float32_one_does(mx):
+def test_a_packed_model_computes_what_the_float32_one_does(mx, float32_products):
     """The tiny model of ``test_dequantize`` (a tied head, one linear layer), packed: lookups
     stay exact, and the head runs the kernel for a few rows and MLX's quantized matmul
     (lazy) for many."""

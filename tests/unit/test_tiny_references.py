@@ -51,7 +51,10 @@ def test_vectors_and_token_counts_equal_sentence_transformers(registry, models, 
         assert out.prompt_tokens == tokens  # the third text is truncated to max_seq_length
         assert cosine(out.vector, expected) >= 0.9999
         vector = l2_normalize(out.vector) if spec.normalize else np.asarray(out.vector)
-        np.testing.assert_allclose(vector, expected, atol=2e-4)  # scale too, normalized or not
+        # scale too, normalized or not; bfloat16 products (AMX) round: measured up to 2e-3
+        fast = getattr(models[name], "fast", None)
+        atol = 5e-3 if fast is not None and fast.bf16 else 2e-4
+        np.testing.assert_allclose(vector, expected, atol=atol)
 
 
 def quantized_copy(tmp_path: Path, name: str, capability: str):
@@ -71,11 +74,11 @@ def test_mlx_quantized_folders_load_through_the_catalog(tmp_path, name):
     loaded = load_embedding_model(quantized_copy(tmp_path, name, "embedding")).model
     kinds = {type(m).__name__ for _, m in loaded.model.named_modules()}
     assert "QuantizedLinear" in kinds
-    if loaded.fast is not None:  # BERT's fast path holds float32 copies: counted as memory
-        float_bytes = sum(
-            p[k].nbytes for p in loaded.fast.layers for k in ("w_qkv", "w_out", "w_up", "w_down")
-        )
-        assert loaded.fast.extra_bytes() >= float_bytes
+    if loaded.fast is not None:  # BERT's fast path holds float32 copies or bfloat16 tiles
+        matrices = ("w_qkv", "w_out", "w_up", "w_down", "qkv", "out", "up", "down")
+        held = [v for p in loaded.fast.layers for k, v in p.items() if k in matrices]
+        assert len(held) == 4 * len(loaded.fast.layers)
+        assert loaded.fast.extra_bytes() >= sum(v.nbytes for v in held)
     ref = REFERENCES[name]
     outs = loaded.embed([EmbeddingItem(text=t) for t in ref["texts"]])
     for out, expected in zip(outs, ref["plain"], strict=True):
