@@ -555,6 +555,49 @@ class Step:
     finish: str | None
 
 
+@functools.cache
+def tokens_first_generation_batch() -> type:
+    """mlx-lm's ``GenerationBatch`` (private, pinned below 0.33), returning each step's tokens
+    as soon as they are sampled, installed in ``mlx_lm.generate`` (where ``BatchGenerator``
+    and ``PromptProcessingBatch`` look the class up).
+
+    mlx-lm pipelines: a step feeds the tokens sampled last, starts the next forward pass
+    asynchronously and returns the tokens it fed, and a new batch runs one step while it is
+    built. That hides the host's work behind MLX's lazy evaluation, but kiapi's products are
+    eager (its kernel runs when the layer is called), so every token waited for the forward
+    pass of the next one: the first token came after two decode steps past the prompt, not
+    one (~27 ms more TTFT at batch 1 here, by hand). Here a step is one forward pass, of the
+    tokens fed last, and returns the tokens it samples. ``self.tokens`` (the tokens in the
+    KV cache) stays as mlx-lm defines it; a sequence that stops is dropped without feeding its
+    stop token (one forward pass fewer). ``tests/unit/test_llm_engine.py`` checks the seam."""
+    import importlib
+
+    import_mlx()
+    # the module (``mlx_lm.generate`` the attribute is mlx-lm's generate function)
+    generate = importlib.import_module("mlx_lm.generate")
+    base = generate.GenerationBatch
+    if getattr(base, "kiapi_tokens_first", False):
+        return base
+
+    class TokensFirstGenerationBatch(base):
+        kiapi_tokens_first = True
+
+        def __init__(self, *args, **kwargs) -> None:
+            self._constructing = True  # mlx-lm's constructor steps once: not here
+            super().__init__(*args, **kwargs)
+            self._constructing = False
+
+        def _step(self):
+            if self._constructing:
+                return [], []
+            super()._step()  # feeds _next_tokens (one forward pass), samples the next ones
+            import_mlx().eval(self._next_tokens, self._next_logprobs)
+            return self._next_tokens.tolist(), self._next_logprobs
+
+    generate.GenerationBatch = TokensFirstGenerationBatch
+    return TokensFirstGenerationBatch
+
+
 class Generator:
     """One model's continuous batch. Worker thread only.
 
@@ -566,6 +609,7 @@ class Generator:
         import_mlx()
         from mlx_lm.generate import BatchGenerator
 
+        tokens_first_generation_batch()
         self.chat = chat
         self._batch = BatchGenerator(
             chat.model,

