@@ -7,10 +7,12 @@ in the MLP's SiLU: 0.4 s of a 0.7 s prefill, against ~0.5 and ~0.1 ms in
 
 * :func:`install_attention` replaces ``scaled_dot_product_attention`` in the mlx-lm model
   modules of :data:`SWIGLU_MODULES` (a module global they import from ``mlx_lm.models.base``)
-  with :func:`attention`: for :data:`ATTENTION_MIN_QUERIES` queries or more (prefill) the
-  scores come from MLX's matmul and the softmax from the kernel (a causal mask applied there,
-  an array mask by MLX first); anything else (decoding's single query, attention sinks, a
-  quantized cache) goes to mlx-lm's own function unchanged. Process-wide and idempotent.
+  with :func:`attention`: for :data:`ATTENTION_MIN_QUERIES` queries or more (prefill) with no
+  mask, a causal one or a boolean array, the whole attention runs in the kernel
+  (:func:`fused_attention`: scores, softmax and weighted values per query row, no BLAS); an
+  additive array mask gets MLX's products around the kernel's softmax; anything else
+  (decoding's single query, attention sinks, a quantized cache) goes to mlx-lm's own function
+  unchanged. Process-wide and idempotent.
 * :class:`PackedMLP` (from :func:`packed_mlp_class`) replaces those modules' SwiGLU ``MLP``
   when its projections are packed (:mod:`kiapi.runtime.qmatmul`): gate and up as one product,
   the activation, and down, all on NumPy buffers between one evaluation of ``x`` and one MLX
@@ -38,10 +40,20 @@ log = logging.getLogger(__name__)
 # whose attention calls the module-global ``scaled_dot_product_attention``.
 SWIGLU_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 ATTENTION_MIN_QUERIES = 8  # fewer (decoding): MLX's own attention, the softmax is tiny
-# One thread: the BLAS's threads run the products around these (prefill), and two pools
-# taking turns on two cores wait on each other (by hand, a 255-token prompt's first step
-# took 549 ms so, 574 on two threads; before OpenBLAS's spin was shortened, ~2x)
-ELEMENTWISE_THREADS = 1
+
+
+def elementwise_threads(rows: int) -> int:
+    """Threads for the softmax and SwiGLU kernels over ``rows`` rows: one, unless they are a
+    prompt chunk's (over ``qmatmul.KERNEL_ROWS``) and its products run in bfloat16 (kiapi's
+    OpenMP pool, as these kernels; a decode step's few rows stay on one). With the BLAS's own
+    threads running the products around them, two pools taking turns on two cores waited on
+    each other (by hand, a 255-token prompt's first step took 549 ms on one thread, 574 on
+    two); with the products in the same pool, every core (by hand, 255-token prefill 347 ->
+    303 ms, SwiGLU alone 15 -> 6 ms)."""
+    if rows > qmatmul.KERNEL_ROWS and qmatmul.bf16_products():
+        return qmatmul.cpu_threads()
+    return 1
+
 
 _installed: dict[str, Any] = {}  # module name -> mlx-lm's original function
 
@@ -81,7 +93,9 @@ def attention(original, queries, keys, values, cache, scale, mask, sinks=None):
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     import numpy as np
 
-    repeats = heads // kv_heads
+    if not array_mask or mask.dtype == mx.bool_:
+        return fused_attention(queries, keys, values, scale, mask)
+    repeats = heads // kv_heads  # an additive mask: MLX's products, the kernel's softmax
     q = (queries * scale).reshape(batch, kv_heads, repeats * length, dim)
     scores = q @ keys.swapaxes(-1, -2)  # (B, kv_heads, repeats * L, S)
     keep, keep_batched = None, 0
@@ -104,11 +118,45 @@ def attention(original, queries, keys, values, cache, scale, mask, sinks=None):
         c.c_int(rows.shape[0]), c.c_int(keys_length), c.c_int(length),
         c.c_int(heads * length), c.c_int(mask == "causal"), c.c_int(keys_length - length),
         c.c_void_p(keep.ctypes.data if keep is not None else None), c.c_int(keep_batched),
-        c.c_int(ELEMENTWISE_THREADS),
+        c.c_int(elementwise_threads(length * batch)),
     )  # fmt: skip
     weights = mx.array(probabilities).reshape(batch, kv_heads, repeats * length, keys_length)
     out = weights.astype(values.dtype) @ values  # (B, kv_heads, repeats * L, D)
     return out.reshape(batch, heads, length, dim)
+
+
+def fused_attention(queries, keys, values, scale: float, mask) -> Any:
+    """:func:`attention` for no mask, ``"causal"`` or a boolean array mask, whole in the
+    kernel (``kiapi_attention``: scores, softmax and the weighted values of each query row,
+    no BLAS), written into a fresh MLX array."""
+    import numpy as np
+
+    mx = import_mlx()
+    batch, heads, length, dim = queries.shape
+    kv_heads, keys_length = keys.shape[1], keys.shape[2]
+    q, k, v = (qmatmul.evaluated_rows(a, dim) for a in (queries, keys, values))
+    keep = None
+    if mask is not None and not isinstance(mask, str):  # boolean: one byte per (query, key)
+        while mask.ndim < 4:
+            mask = mask[None]
+        keep = np.ascontiguousarray(
+            np.array(mx.broadcast_to(mask, (mask.shape[0], 1, length, keys_length)))
+        ).view(np.uint8)
+    threads = elementwise_threads(length * batch)
+    padded = -(-keys_length // 16) * 16  # keys rounded up to the kernel's widest vector
+    out, view = qmatmul.fresh_array((batch, heads, length, dim))
+    c = ctypes
+    qmatmul.kernel().kiapi_attention(
+        *(c.c_void_p(a.ctypes.data) for a in (q, k, v, view)), c.c_int(batch), c.c_int(heads),
+        c.c_int(kv_heads), c.c_int(length), c.c_int(keys_length), c.c_int(dim),
+        c.c_float(scale), c.c_int(mask == "causal"),
+        c.c_void_p(keep.ctypes.data if keep is not None else None),
+        c.c_int(int(keep is not None and keep.shape[0] > 1)),
+        c.c_void_p(qmatmul.scratch("attention_keys", k.size // keys_length * padded).ctypes.data),
+        c.c_void_p(qmatmul.scratch("attention_scores", threads * padded).ctypes.data),
+        c.c_int(threads),
+    )  # fmt: skip
+    return out if queries.dtype == mx.float32 else out.astype(queries.dtype)
 
 
 def is_swiglu_mlp(module: Any) -> bool:
@@ -147,7 +195,7 @@ def packed_mlp_class() -> type:
             qmatmul.kernel().kiapi_swiglu(
                 ctypes.c_void_p(gate_up.ctypes.data), ctypes.c_int(rows),
                 ctypes.c_int(self._hidden), ctypes.c_void_p(hidden.ctypes.data),
-                ctypes.c_int(ELEMENTWISE_THREADS),
+                ctypes.c_int(elementwise_threads(rows)),
             )  # fmt: skip
             return mx.array(self._down.product(hidden)).reshape(*lead, self._down.outputs)
 

@@ -24,6 +24,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAX_ROWS 8 /* rows of x handled per sweep over the weights */
 
@@ -388,6 +391,107 @@ void kiapi_softmax(const float *in, float *out, int rows, int cols, int queries,
     }
 }
 
+/* out (D floats) = sum_j s[j] * inverse * v[j] over `seen` rows of v (D floats each), with the
+ * output row in registers when D is a constant multiple of LANES (64, 128: head sizes). */
+static inline __attribute__((always_inline)) void weighted_rows(
+    const float *s, int seen, float inverse, const float *v, const int D, float *o) {
+    if (D % LANES == 0 && D <= 8 * LANES) {
+        vf acc[8];
+        for (int c = 0; c < D / LANES; c++) acc[c] = (vf){0};
+        for (int j = 0; j < seen; j++) {
+            const float pj = s[j] * inverse;
+            for (int c = 0; c < D / LANES; c++) acc[c] += pj * loadv(v + (size_t)j * D + c * LANES);
+        }
+        memcpy(o, acc, sizeof(float) * D);
+        return;
+    }
+    for (int d = 0; d < D; d++) o[d] = 0.0f;
+    for (int j = 0; j < seen; j++) {
+        const float pj = s[j] * inverse;
+        for (int d = 0; d < D; d++) o[d] += pj * v[(size_t)j * D + d];
+    }
+}
+
+/* Attention of a prompt chunk, whole: out = softmax(scale * q k^T, masked) v for queries q
+ * (B, H, L, D), keys and values (B, KVH, S, D), each kv head shared by H / KVH query heads
+ * (h reads kv head h / (H / KVH)); all C-contiguous float32. Masks as kiapi_softmax's: causal
+ * (query i at position S - L + i sees keys 0 .. S - L + i) and/or `keep`, one byte per
+ * (query, key) (nonzero: attend), L x S per batch element (`keep_batched`) or one for all; a
+ * row that keeps nothing attends uniformly to all S keys (MLX's masked softmax).
+ *
+ * The keys are transposed once into `work` (B * KVH * D * SP floats, SP = S rounded up to
+ * LANES, zero-padded); each query row's scores are then LANES keys at a time in a register
+ * across all D, its softmax in place (`scores`: threads * SP floats), and its output row in
+ * registers across its keys. Rows are split over threads. No BLAS: the OpenBLAS threads the
+ * same products used to wake fought kiapi's OpenMP threads for the two cores. */
+void kiapi_attention(const float *q, const float *k, const float *v, float *out, int B, int H,
+                     int KVH, int L, int S, int D, float scale, int causal, const uint8_t *keep,
+                     int keep_batched, float *work, float *scores, int threads) {
+    const int SP = (S + LANES - 1) / LANES * LANES;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int bg = 0; bg < B * KVH; bg++) { /* kt[bg][d][j] = k[bg][j][d], zeros past S */
+        const float *src = k + (size_t)bg * S * D;
+        float *dst = work + (size_t)bg * D * SP;
+        for (int d = 0; d < D; d++) {
+            for (int j = 0; j < S; j++) dst[(size_t)d * SP + j] = src[(size_t)j * D + d];
+            for (int j = S; j < SP; j++) dst[(size_t)d * SP + j] = 0.0f;
+        }
+    }
+    const int repeats = H / KVH;
+    const long rows = (long)B * H * L;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long r = 0; r < rows; r++) {
+        const int b = (int)(r / ((long)H * L)), h = (int)(r / L % H), i = (int)(r % L);
+        const size_t bg = (size_t)b * KVH + h / repeats;
+        const float *qi = q + (size_t)r * D, *kt = work + bg * D * SP, *vb = v + bg * S * D;
+        float *o = out + (size_t)r * D;
+#ifdef _OPENMP
+        float *s = scores + (size_t)omp_get_thread_num() * SP;
+#else
+        float *s = scores;
+#endif
+        int seen = S;
+        if (causal) {
+            seen = S - L + i + 1;
+            if (seen > S) seen = S;
+            if (seen < 0) seen = 0;
+        }
+        const uint8_t *kp = keep ? keep + ((size_t)(keep_batched ? b : 0) * L + i) * S : NULL;
+        for (int j0 = 0; j0 < seen; j0 += LANES) {
+            vf acc = (vf){0};
+            for (int d = 0; d < D; d++) acc += (qi[d] * scale) * loadv(kt + (size_t)d * SP + j0);
+            memcpy(s + j0, &acc, sizeof(acc));
+        }
+        float total = 0, top = -3.0e38f;
+        if (kp) {
+            for (int j = 0; j < seen; j++) {
+                const float x = kp[j] ? s[j] : -3.0e38f;
+                top = x > top ? x : top;
+            }
+            for (int j = 0; j < seen; j++) {
+                s[j] = kp[j] ? fast_exp(s[j] - top) : 0.0f;
+                total += s[j];
+            }
+        } else {
+            top = max_of(s, seen);
+#pragma GCC ivdep
+            for (int j = 0; j < seen; j++) s[j] = fast_exp(s[j] - top);
+            total = sum_of(s, seen);
+        }
+        if (total > 0) {
+            if (D == 64)
+                weighted_rows(s, seen, 1.0f / total, vb, 64, o);
+            else if (D == 128)
+                weighted_rows(s, seen, 1.0f / total, vb, 128, o);
+            else
+                weighted_rows(s, seen, 1.0f / total, vb, D, o);
+        } else { /* nothing kept: uniform over all S keys */
+            for (int j = 0; j < S; j++) s[j] = 1.0f;
+            weighted_rows(s, S, 1.0f / S, vb, D, o);
+        }
+    }
+}
+
 /* out[r, j] = silu(g) * u for g = gate_up[r, j], u = gate_up[r, hidden + j]: a SwiGLU MLP's
  * activation over its stacked gate and up products. */
 void kiapi_swiglu(const float *gate_up, int rows, int hidden, float *out, int threads) {
@@ -438,10 +542,6 @@ void kiapi_gelu(float *x, long count, int threads) {
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 /* float32 -> bfloat16, round to nearest even (NaN is not expected: activations and weights) */
 static inline uint16_t to_bf16(float f) {
     uint32_t u;

@@ -184,6 +184,9 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_swiglu.restype = None
     lib.kiapi_gelu.argtypes = [pointer, ctypes.c_long, number]
     lib.kiapi_gelu.restype = None
+    lib.kiapi_attention.argtypes = [pointer] * 4 + [number] * 6 + [ctypes.c_float, number]
+    lib.kiapi_attention.argtypes += [pointer, number, pointer, pointer, number]
+    lib.kiapi_attention.restype = None
     lib.kiapi_bf16_ready.argtypes = []
     lib.kiapi_pack_bf16.argtypes = [pointer, number, number, pointer, number]
     lib.kiapi_pack_bf16.restype = None
@@ -233,7 +236,7 @@ def gemm_bf16(x_view: Any, tiles: Any, outputs: int, bias: Any = None, out: Any 
     rows, inputs = x_view.shape
     if out is None:
         out = np.empty((rows, outputs), dtype=np.float32)
-    work = _buffer("x_tiles", (rows + 31) // 32 * 32 * inputs, "uint16")
+    work = scratch("x_tiles", (rows + 31) // 32 * 32 * inputs, "uint16")
     c = ctypes
     failed = kernel().kiapi_gemm_bf16(
         c.c_void_p(x_view.ctypes.data), c.c_int(rows), c.c_int(inputs),
@@ -310,7 +313,9 @@ class _Buffers(threading.local):
 _buffers = _Buffers()
 
 
-def _buffer(name: str, size: int, dtype: str = "float32") -> Any:
+def scratch(name: str, size: int, dtype: str = "float32") -> Any:
+    """This thread's buffer ``name`` of at least ``size`` elements (flat, uninitialized), kept
+    for the next call: kernels' work space, never a result."""
     import numpy as np
 
     buffer = _buffers.by_name.get(name)
@@ -381,27 +386,27 @@ class PackedMatrix:
         c = ctypes
         if many and bf16_products() and bf16_shape(self.outputs, self.inputs):
             # expanded and packed as tiles on every core (one OpenMP pool, as the product's)
-            tiles = _buffer("tiles", self.outputs * self.inputs, "uint16")
+            tiles = scratch("tiles", self.outputs * self.inputs, "uint16")
             threads = cpu_threads()
             lib.kiapi_dequantize_bf16(
                 *(c.c_void_p(v.ctypes.data) for v in self._views), c.c_int(self.outputs),
                 c.c_int(self.inputs), c.c_int(self.group_size), c.c_int(self.bits),
                 c.c_void_p(tiles.ctypes.data),
-                c.c_void_p(_buffer("rows", threads * 16 * self.inputs).ctypes.data),
+                c.c_void_p(scratch("rows", threads * 16 * self.inputs).ctypes.data),
                 c.c_int(threads),
             )  # fmt: skip
             return gemm_bf16(x_view, tiles, self.outputs)
         out = np.empty((rows, self.outputs), dtype=np.float32)
         sgemm = _sgemm() if many else None
         if sgemm is None:
-            work = _buffer("work", rows * (self.inputs + self.inputs // self.group_size))
+            work = scratch("work", rows * (self.inputs + self.inputs // self.group_size))
             lib.kiapi_qgemv(
                 c.c_void_p(x_view.ctypes.data), c.c_int(rows), *self._fixed,
                 c.c_void_p(out.ctypes.data), c.c_void_p(work.ctypes.data),
                 c.c_int(cpu_threads()),
             )  # fmt: skip
         else:
-            full = _buffer("scratch", self.outputs * self.inputs)
+            full = scratch("scratch", self.outputs * self.inputs)
             # one thread: the BLAS's own threads run the product next, and two pools taking
             # turns on two cores wait on each other (by hand, a 255-token prompt's first step
             # took 549 ms so, 812 with the expansion on two threads)

@@ -33,10 +33,12 @@ def masks(mx, length, keys):
 
 
 @pytest.mark.parametrize("mask_name", ["none", "causal", "padded", "additive"])
-@pytest.mark.parametrize(("length", "keys"), [(12, 12), (9, 20), (3, 20)])
+@pytest.mark.parametrize(("length", "keys"), [(12, 12), (9, 20), (3, 20), (40, 45)])
 def test_attention_equals_mlx_lms(mx, mask_name, length, keys):
     """Grouped heads (6 query heads on 2 key/value heads), keys longer than the queries (a
-    cache), every mask kind; 3 queries (decoding-sized) go to mlx-lm's function itself."""
+    cache), every mask kind; 3 queries (decoding-sized) go to mlx-lm's function itself; 40
+    queries in a batch of 2 (over KERNEL_ROWS) run on every core where prefill's products run
+    in bfloat16, and 45 keys are not a multiple of the kernel's vectors."""
     from mlx_lm.models.base import scaled_dot_product_attention as original
 
     from kiapi.runtime.cpu_decoder import attention
