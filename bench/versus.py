@@ -41,15 +41,43 @@ def minilm_gflop(tokens: int) -> float:
     return MINILM_LAYERS * (tokens * per_token + attention) / 1e9
 
 
-def gemm_gflops_in_subprocess() -> float:
-    """:func:`gemm_gflops` in a child process: this one, the load generator, stays free of
-    MLX and its BLAS threads (see ``chat_serving.make_long_prompts``)."""
+def gemm_gflops_in_subprocess() -> tuple[float, float | None]:
+    """:func:`gemm_gflops` and :func:`bf16_gemm_gflops` in a child process: this one, the load
+    generator, stays free of MLX and its BLAS threads (see
+    ``chat_serving.make_long_prompts``)."""
     import subprocess
 
     done = subprocess.run(
         [sys.executable, __file__, "--gemm-only"], capture_output=True, text=True, check=True
     )
-    return float(done.stdout.strip().splitlines()[-1])
+    float32, bf16 = done.stdout.strip().splitlines()[-1].split()
+    return float(float32), None if bf16 == "none" else float(bf16)
+
+
+def bf16_gemm_gflops(size: int = 1024, repeats: int = 20) -> float | None:
+    """kiapi's bfloat16 AMX product (``qmatmul.gemm_bf16``) on the same square matrices, or
+    None where it does not run (no AMX, KIAPI_MATMUL_PRECISION=float32)."""
+    import numpy as np
+
+    from kiapi.config import Settings
+    from kiapi.runtime import qmatmul
+    from kiapi.runtime.mlx_import import import_mlx
+
+    qmatmul.configure(Settings(_env_file=None).matmul_precision)
+    if not qmatmul.bf16_products():
+        return None
+    mx = import_mlx()
+    linear = qmatmul.Bf16Linear(mx.random.normal((size, size)))
+    x = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    out = np.empty((size, size), dtype=np.float32)
+    qmatmul.gemm_bf16(x, linear.tiles, size, out=out)
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            qmatmul.gemm_bf16(x, linear.tiles, size, out=out)
+        best = min(best, (time.perf_counter() - started) / repeats)
+    return 2 * size**3 / best / 1e9
 
 
 def gemm_gflops(size: int = 1024, repeats: int = 20) -> float:
@@ -93,17 +121,22 @@ def main() -> None:
     parser.add_argument("--gemm-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gemm_only:
-        print(gemm_gflops())
+        bf16 = bf16_gemm_gflops()
+        print(gemm_gflops(), "none" if bf16 is None else bf16)
         return
 
-    gflops, gbs = gemm_gflops_in_subprocess(), bandwidth_gbs()
+    (gflops, bf16_gflops), gbs = gemm_gflops_in_subprocess(), bandwidth_gbs()
     print(f"machine: {machine()}")
-    print(f"float32 GEMM through MLX: {gflops:.0f} GFLOP/s; memory copy: {gbs:.1f} GB/s\n")
-    print("| workload | work per item | bound at that rate |")
+    print(f"float32 GEMM through MLX: {gflops:.0f} GFLOP/s; memory copy: {gbs:.1f} GB/s")
+    if bf16_gflops is not None:
+        print(f"bfloat16 GEMM through kiapi's AMX kernel: {bf16_gflops:.0f} GFLOP/s")
+    print("\n| workload | work per item | bound at that rate |")
     print("|---|---|---|")
     for tokens in (12, 128):
         g = minilm_gflop(tokens)
         print(f"| MiniLM, {tokens}-token text | {g:.3f} GFLOP | {gflops / g:.0f} texts/s |")
+        if bf16_gflops is not None:
+            print(f"| same, at the bfloat16 rate | {g:.3f} GFLOP | {bf16_gflops / g:.0f} texts/s |")
     for label, bytes_per in (("float32", 4.0), ("Q4_1, 4.5 bits", 4.5 / 8)):
         mb = SMOLLM2_PARAMS * bytes_per / 1e6
         print(f"| SmolLM2 decode, {label} | {mb:.0f} MB read | {gbs * 1e3 / mb:.0f} tokens/s |")
@@ -148,6 +181,18 @@ def main() -> None:
             ours.results[12, 32].rps / (gflops / minilm_gflop(12)),
             ">=",
             0.6,
+        ),
+        *(
+            [
+                (
+                    "12 tok, 32 clients req/s, share of the bfloat16 FLOP bound",
+                    ours.results[12, 32].rps / (bf16_gflops / minilm_gflop(12)),
+                    ">=",
+                    0.6,
+                )
+            ]
+            if bf16_gflops is not None
+            else []
         ),
         (
             "12 tok, 1 client p50 ms vs " + best_1.name,

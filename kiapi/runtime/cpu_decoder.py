@@ -143,18 +143,12 @@ def fused_attention(queries, keys, values, scale: float, mask) -> Any:
             np.array(mx.broadcast_to(mask, (mask.shape[0], 1, length, keys_length)))
         ).view(np.uint8)
     threads = elementwise_threads(length * batch)
-    padded = -(-keys_length // 16) * 16  # keys rounded up to the kernel's widest vector
     out, view = qmatmul.fresh_array((batch, heads, length, dim))
-    c = ctypes
-    qmatmul.kernel().kiapi_attention(
-        *(c.c_void_p(a.ctypes.data) for a in (q, k, v, view)), c.c_int(batch), c.c_int(heads),
-        c.c_int(kv_heads), c.c_int(length), c.c_int(keys_length), c.c_int(dim),
-        c.c_float(scale), c.c_int(mask == "causal"),
-        c.c_void_p(keep.ctypes.data if keep is not None else None),
-        c.c_int(int(keep is not None and keep.shape[0] > 1)),
-        c.c_void_p(qmatmul.scratch("attention_keys", k.size // keys_length * padded).ctypes.data),
-        c.c_void_p(qmatmul.scratch("attention_scores", threads * padded).ctypes.data),
-        c.c_int(threads),
+    query_strides = (heads * length * dim, length * dim, dim)  # (B, H, L, D): q and out
+    key_strides = (kv_heads * keys_length * dim, keys_length * dim, dim)  # k and v
+    qmatmul.attention(
+        q, k, v, view, (batch, heads, kv_heads, length, keys_length, dim),
+        query_strides + key_strides * 2 + query_strides, scale, mask == "causal", keep, threads,
     )  # fmt: skip
     return out if queries.dtype == mx.float32 else out.astype(queries.dtype)
 

@@ -478,7 +478,19 @@ class FastBert:
                 else:
                     params[f"w_{name}"], params[f"b_{name}"] = weight.T, bias
                     mx.eval(weight, bias)
+            if self.bf16:  # the norms' weights, read by the kernel
+                for norm in ("norm1", "norm2"):
+                    params[f"{norm}_numpy"] = tuple(
+                        np.array(a.astype(mx.float32))
+                        for a in (params[norm].weight, params[norm].bias)
+                    )
             self.layers.append(params)
+
+    @property
+    def all_tiles(self) -> bool:
+        """Whether every layer's four matrices are bfloat16 tiles (their sizes fit)."""
+        names = ("qkv", "out", "up", "down")
+        return all(isinstance(p.get(n), qmatmul.Bf16Linear) for p in self.layers for n in names)
 
     def extra_bytes(self) -> int:
         """Memory it adds to the model's own weights: the bfloat16 tiles of every matrix, or
@@ -501,6 +513,43 @@ class FastBert:
             return p[name](x)
         return import_mlx().addmm(p[f"b_{name}"], x, p[f"w_{name}"])
 
+    def _encode_in_kernel(self, input_ids, attention_mask):
+        """The encoder with every matrix as bfloat16 tiles: after MLX's embeddings, each layer
+        runs on NumPy buffers through the kernel alone, on every core (the fused QKV product,
+        attention reading it in place, the output product, residual and layer norm in one
+        sweep, the up product, GELU, the down product, residual and norm). No MLX op, no BLAS
+        and no stream split between them: MLX's single-threaded element-wise ops and the
+        evaluations between kernel calls were most of a batch's time (by hand, 32 x 128-token
+        texts 474 ms -> see the README)."""
+        mx = import_mlx()
+        rows, width = input_ids.shape
+        heads, size = self.heads, self.head_size
+        hidden, tokens, threads = heads * size, rows * width, self.cores
+        x = np.array(self.embeddings(input_ids), dtype=np.float32).reshape(tokens, hidden)
+        keep = np.ascontiguousarray(
+            np.broadcast_to(
+                np.array(attention_mask, dtype=np.uint8)[:, None, :], (rows, width, width)
+            )
+        )
+        # q, k and v inside the fused (B, L, 3, H, D) product; the context as (B, L, H, D)
+        fused = (width * 3 * hidden, size, 3 * hidden)
+        context_strides = (width * hidden, size, hidden)
+        for p in self.layers:
+            qkv = qmatmul.gemm_bf16(x, p["qkv"].tiles, 3 * hidden, p["qkv"].bias)
+            context = np.empty((tokens, hidden), dtype=np.float32)
+            qmatmul.attention(
+                qkv, qkv[:, hidden:], qkv[:, 2 * hidden :], context,
+                (rows, heads, heads, width, width, size), fused * 3 + context_strides,
+                1.0, False, keep, threads,
+            )  # fmt: skip
+            out = qmatmul.gemm_bf16(context, p["out"].tiles, hidden, p["out"].bias)
+            qmatmul.add_layer_norm(out, x, *p["norm1_numpy"], self.eps, threads)
+            up = qmatmul.gemm_bf16(x, p["up"].tiles, p["up"].outputs, p["up"].bias)
+            qmatmul.gelu_in_place(up, threads)
+            down = qmatmul.gemm_bf16(up, p["down"].tiles, hidden, p["down"].bias)
+            qmatmul.add_layer_norm(down, x, *p["norm2_numpy"], self.eps, threads)
+        return mx.array(x.reshape(rows, width, hidden))
+
     def __call__(self, input_ids, attention_mask):
         """The encoder's last hidden state, evaluated. A batch of two or more rows runs in
         halves on the MLX streams (one BLAS thread each); with kiapi's kernel only from
@@ -512,6 +561,8 @@ class FastBert:
         on one thread (on two, a 32 x 12-token batch ran at 430 texts/s instead of 656, by
         hand). Without it, the halves run unsynchronized: the softmax is MLX's (NumPy's for
         a large one on one stream) and GELU :func:`polynomial_gelu`."""
+        if self.bf16 and self.all_tiles:
+            return self._encode_in_kernel(input_ids, attention_mask)
         mx = import_mlx()
         rows, width = input_ids.shape
         heads, size = self.heads, self.head_size

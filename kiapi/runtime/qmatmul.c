@@ -21,6 +21,7 @@
  * Only bits 4 and 8 are handled, with group sizes 32, 64 or 128 (MLX's); the caller checks
  * (kiapi_supported).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -342,6 +343,27 @@ static inline float sum_of(const float *x, int n) {
     return total;
 }
 
+/* out[j] = exp(in[j] - the largest kept value) for the `seen` entries `keep` keeps (NULL: all),
+ * exactly 0 for the others; returns their sum (0: none kept). `out` may be `in`. Every loop is
+ * a vector loop (a per-entry branch kept GCC from vectorizing the masked rows: mlx-lm's
+ * batched prefill always passes a mask array). */
+static inline float exp_row(const float *in, float *out, int seen, const uint8_t *keep) {
+    if (keep) {
+#pragma GCC ivdep
+        for (int j = 0; j < seen; j++) out[j] = keep[j] ? in[j] : -3.0e38f;
+        in = out;
+    }
+    const float top = max_of(in, seen);
+    if (top == -3.0e38f) return 0.0f; /* nothing kept (or nothing seen) */
+#pragma GCC ivdep
+    for (int j = 0; j < seen; j++) out[j] = fast_exp(in[j] - top);
+    if (keep) {
+#pragma GCC ivdep
+        for (int j = 0; j < seen; j++) out[j] = keep[j] ? out[j] : 0.0f;
+    }
+    return sum_of(out, seen);
+}
+
 /* Softmax of each of `rows` rows of `cols` values (`out` may be `in`), over the entries a
  * mask keeps; the others become 0, as a mask's -inf would make them (a row that keeps none
  * becomes all 0, not NaN). The rows are attention scores: blocks of `queries` rows (one
@@ -364,23 +386,7 @@ void kiapi_softmax(const float *in, float *out, int rows, int cols, int queries,
         }
         const uint8_t *k = NULL;
         if (keep) k = keep + ((size_t)(keep_batched ? r / rows_per_batch : 0) * queries + q) * cols;
-        float top = -3.0e38f, total = 0;
-        if (k) {
-            for (int j = 0; j < seen; j++) {
-                const float v = !k[j] ? -3.0e38f : row[j];
-                top = v > top ? v : top;
-            }
-            for (int j = 0; j < seen; j++) {
-                const float e = !k[j] ? 0.0f : fast_exp(row[j] - top);
-                o[j] = e;
-                total += e;
-            }
-        } else { /* LANES at a time: GCC vectorizes neither reduction of floats itself */
-            top = max_of(row, seen);
-#pragma GCC ivdep /* o may be row: each element is read before it is written */
-            for (int j = 0; j < seen; j++) o[j] = fast_exp(row[j] - top);
-            total = sum_of(o, seen);
-        }
+        const float total = exp_row(row, o, seen, k);
         if (total > 0) {
             const float inverse = 1.0f / total;
             for (int j = 0; j < seen; j++) o[j] *= inverse;
@@ -391,33 +397,46 @@ void kiapi_softmax(const float *in, float *out, int rows, int cols, int queries,
     }
 }
 
-/* out (D floats) = sum_j s[j] * inverse * v[j] over `seen` rows of v (D floats each), with the
- * output row in registers when D is a constant multiple of LANES (64, 128: head sizes). */
+/* out (D floats) = sum_j s[j] * inverse * v[j] over `seen` rows of v (D floats each, `stride`
+ * apart), with the output row in registers when D is a constant multiple of LANES (the head
+ * sizes 32, 64, 128 once inlined). */
 static inline __attribute__((always_inline)) void weighted_rows(
-    const float *s, int seen, float inverse, const float *v, const int D, float *o) {
-    if (D % LANES == 0 && D <= 8 * LANES) {
-        vf acc[8];
-        for (int c = 0; c < D / LANES; c++) acc[c] = (vf){0};
-        for (int j = 0; j < seen; j++) {
-            const float pj = s[j] * inverse;
-            for (int c = 0; c < D / LANES; c++) acc[c] += pj * loadv(v + (size_t)j * D + c * LANES);
+    const float *s, int seen, float inverse, const float *v, long stride, const int D, float *o) {
+    if (D % LANES == 0 && D <= 8 * LANES) { /* even and odd keys: two independent sums */
+        vf even[8], odd[8];
+        for (int c = 0; c < D / LANES; c++) even[c] = odd[c] = (vf){0};
+        int j = 0;
+        for (; j + 1 < seen; j += 2) {
+            const float p0 = s[j] * inverse, p1 = s[j + 1] * inverse;
+            for (int c = 0; c < D / LANES; c++) {
+                even[c] += p0 * loadv(v + j * stride + c * LANES);
+                odd[c] += p1 * loadv(v + (j + 1) * stride + c * LANES);
+            }
         }
-        memcpy(o, acc, sizeof(float) * D);
+        if (j < seen)
+            for (int c = 0; c < D / LANES; c++)
+                even[c] += (s[j] * inverse) * loadv(v + j * stride + c * LANES);
+        for (int c = 0; c < D / LANES; c++) even[c] += odd[c];
+        memcpy(o, even, sizeof(float) * D);
         return;
     }
     for (int d = 0; d < D; d++) o[d] = 0.0f;
     for (int j = 0; j < seen; j++) {
         const float pj = s[j] * inverse;
-        for (int d = 0; d < D; d++) o[d] += pj * v[(size_t)j * D + d];
+        for (int d = 0; d < D; d++) o[d] += pj * v[j * stride + d];
     }
 }
 
-/* Attention of a prompt chunk, whole: out = softmax(scale * q k^T, masked) v for queries q
- * (B, H, L, D), keys and values (B, KVH, S, D), each kv head shared by H / KVH query heads
- * (h reads kv head h / (H / KVH)); all C-contiguous float32. Masks as kiapi_softmax's: causal
- * (query i at position S - L + i sees keys 0 .. S - L + i) and/or `keep`, one byte per
- * (query, key) (nonzero: attend), L x S per batch element (`keep_batched`) or one for all; a
- * row that keeps nothing attends uniformly to all S keys (MLX's masked softmax).
+/* Attention of a prompt chunk or an encoder batch, whole: out = softmax(scale * q k^T, masked) v
+ * for queries q (B, H, L, D), keys and values (B, KVH, S, D), each kv head shared by H / KVH
+ * query heads (h reads kv head h / (H / KVH)). float32, each row of D contiguous, the rest
+ * laid out by `strides`: for q, k, v and out in turn, the element strides of the batch, head
+ * and position axes (12 values; (B, H, L, D) contiguous is {H L D, L D, D}, and an encoder's
+ * fused (B, L, 3, H, D) product holds q, k and v at strides {3 L H D, D, 3 H D}). Masks as
+ * kiapi_softmax's: causal (query i at position S - L + i sees keys 0 .. S - L + i) and/or
+ * `keep`, one byte per (query, key) (nonzero: attend), L x S per batch element
+ * (`keep_batched`) or one for all; a row that keeps nothing attends uniformly to all S keys
+ * (MLX's masked softmax).
  *
  * The keys are transposed once into `work` (B * KVH * D * SP floats, SP = S rounded up to
  * LANES, zero-padded); each query row's scores are then LANES keys at a time in a register
@@ -425,26 +444,30 @@ static inline __attribute__((always_inline)) void weighted_rows(
  * registers across its keys. Rows are split over threads. No BLAS: the OpenBLAS threads the
  * same products used to wake fought kiapi's OpenMP threads for the two cores. */
 void kiapi_attention(const float *q, const float *k, const float *v, float *out, int B, int H,
-                     int KVH, int L, int S, int D, float scale, int causal, const uint8_t *keep,
-                     int keep_batched, float *work, float *scores, int threads) {
+                     int KVH, int L, int S, int D, const long *strides, float scale, int causal,
+                     const uint8_t *keep, int keep_batched, float *work, float *scores,
+                     int threads) {
+    const long *qs = strides, *ks = strides + 3, *vs = strides + 6, *os = strides + 9;
     const int SP = (S + LANES - 1) / LANES * LANES;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int bg = 0; bg < B * KVH; bg++) { /* kt[bg][d][j] = k[bg][j][d], zeros past S */
-        const float *src = k + (size_t)bg * S * D;
+    for (int bg = 0; bg < B * KVH; bg++) { /* kt[bg][d][j] = k[b][g][j][d], zeros past S */
+        const float *src = k + (bg / KVH) * ks[0] + (bg % KVH) * ks[1];
         float *dst = work + (size_t)bg * D * SP;
-        for (int d = 0; d < D; d++) {
-            for (int j = 0; j < S; j++) dst[(size_t)d * SP + j] = src[(size_t)j * D + d];
+        for (int j = 0; j < S; j++)
+            for (int d = 0; d < D; d++) dst[(size_t)d * SP + j] = src[j * ks[2] + d];
+        for (int d = 0; d < D; d++)
             for (int j = S; j < SP; j++) dst[(size_t)d * SP + j] = 0.0f;
-        }
     }
     const int repeats = H / KVH;
     const long rows = (long)B * H * L;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long r = 0; r < rows; r++) {
         const int b = (int)(r / ((long)H * L)), h = (int)(r / L % H), i = (int)(r % L);
-        const size_t bg = (size_t)b * KVH + h / repeats;
-        const float *qi = q + (size_t)r * D, *kt = work + bg * D * SP, *vb = v + bg * S * D;
-        float *o = out + (size_t)r * D;
+        const int g = h / repeats;
+        const float *qi = q + b * qs[0] + h * qs[1] + i * qs[2];
+        const float *kt = work + ((size_t)b * KVH + g) * D * SP;
+        const float *vb = v + b * vs[0] + g * vs[1];
+        float *o = out + b * os[0] + h * os[1] + i * os[2];
 #ifdef _OPENMP
         float *s = scores + (size_t)omp_get_thread_num() * SP;
 #else
@@ -457,38 +480,69 @@ void kiapi_attention(const float *q, const float *k, const float *v, float *out,
             if (seen < 0) seen = 0;
         }
         const uint8_t *kp = keep ? keep + ((size_t)(keep_batched ? b : 0) * L + i) * S : NULL;
-        for (int j0 = 0; j0 < seen; j0 += LANES) {
+        float qd[D]; /* the query row, scaled */
+        for (int d = 0; d < D; d++) qd[d] = qi[d] * scale;
+        int j0 = 0; /* four vectors of keys at a time: four independent sums */
+        for (; j0 + 3 * LANES < seen; j0 += 4 * LANES) {
+            vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
+            for (int d = 0; d < D; d++) {
+                const float *kd = kt + (size_t)d * SP + j0;
+                a0 += qd[d] * loadv(kd);
+                a1 += qd[d] * loadv(kd + LANES);
+                a2 += qd[d] * loadv(kd + 2 * LANES);
+                a3 += qd[d] * loadv(kd + 3 * LANES);
+            }
+            memcpy(s + j0, &a0, sizeof(a0));
+            memcpy(s + j0 + LANES, &a1, sizeof(a1));
+            memcpy(s + j0 + 2 * LANES, &a2, sizeof(a2));
+            memcpy(s + j0 + 3 * LANES, &a3, sizeof(a3));
+        }
+        for (; j0 < seen; j0 += LANES) { /* (reads up to SP: zeros past S) */
             vf acc = (vf){0};
-            for (int d = 0; d < D; d++) acc += (qi[d] * scale) * loadv(kt + (size_t)d * SP + j0);
+            for (int d = 0; d < D; d++) acc += qd[d] * loadv(kt + (size_t)d * SP + j0);
             memcpy(s + j0, &acc, sizeof(acc));
         }
-        float total = 0, top = -3.0e38f;
-        if (kp) {
-            for (int j = 0; j < seen; j++) {
-                const float x = kp[j] ? s[j] : -3.0e38f;
-                top = x > top ? x : top;
-            }
-            for (int j = 0; j < seen; j++) {
-                s[j] = kp[j] ? fast_exp(s[j] - top) : 0.0f;
-                total += s[j];
-            }
-        } else {
-            top = max_of(s, seen);
-#pragma GCC ivdep
-            for (int j = 0; j < seen; j++) s[j] = fast_exp(s[j] - top);
-            total = sum_of(s, seen);
-        }
+        const float total = exp_row(s, s, seen, kp);
         if (total > 0) {
-            if (D == 64)
-                weighted_rows(s, seen, 1.0f / total, vb, 64, o);
+            if (D == 32)
+                weighted_rows(s, seen, 1.0f / total, vb, vs[2], 32, o);
+            else if (D == 64)
+                weighted_rows(s, seen, 1.0f / total, vb, vs[2], 64, o);
             else if (D == 128)
-                weighted_rows(s, seen, 1.0f / total, vb, 128, o);
+                weighted_rows(s, seen, 1.0f / total, vb, vs[2], 128, o);
             else
-                weighted_rows(s, seen, 1.0f / total, vb, D, o);
+                weighted_rows(s, seen, 1.0f / total, vb, vs[2], D, o);
         } else { /* nothing kept: uniform over all S keys */
             for (int j = 0; j < S; j++) s[j] = 1.0f;
-            weighted_rows(s, S, 1.0f / S, vb, D, o);
+            weighted_rows(s, S, 1.0f / S, vb, vs[2], D, o);
         }
+    }
+}
+
+/* x = layer_norm(a + x) over each of `rows` rows of `cols` floats, in place in x: mean and
+ * variance of the row in float32 (two passes), then (v - mean) / sqrt(var + eps) * gamma +
+ * beta: a transformer block's residual and norm in one sweep. */
+void kiapi_add_layer_norm(const float *a, float *x, int rows, int cols, const float *gamma,
+                          const float *beta, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int r = 0; r < rows; r++) {
+        float *xr = x + (size_t)r * cols;
+        const float *ar = a + (size_t)r * cols;
+#pragma GCC ivdep
+        for (int j = 0; j < cols; j++) xr[j] += ar[j];
+        const float mean = sum_of(xr, cols) / cols;
+        vf acc = (vf){0};
+        int j = 0;
+        for (; j + LANES <= cols; j += LANES) {
+            const vf d = loadv(xr + j) - mean;
+            acc += d * d;
+        }
+        float var = sumv(acc);
+        for (; j < cols; j++) var += (xr[j] - mean) * (xr[j] - mean);
+        var /= cols;
+        const float inverse = 1.0f / sqrtf(var + eps);
+#pragma GCC ivdep
+        for (int c = 0; c < cols; c++) xr[c] = (xr[c] - mean) * inverse * gamma[c] + beta[c];
     }
 }
 

@@ -184,9 +184,12 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_swiglu.restype = None
     lib.kiapi_gelu.argtypes = [pointer, ctypes.c_long, number]
     lib.kiapi_gelu.restype = None
-    lib.kiapi_attention.argtypes = [pointer] * 4 + [number] * 6 + [ctypes.c_float, number]
-    lib.kiapi_attention.argtypes += [pointer, number, pointer, pointer, number]
+    lib.kiapi_attention.argtypes = [pointer] * 4 + [number] * 6 + [pointer, ctypes.c_float]
+    lib.kiapi_attention.argtypes += [number, pointer, number, pointer, pointer, number]
     lib.kiapi_attention.restype = None
+    lib.kiapi_add_layer_norm.argtypes = [pointer, pointer, number, number, pointer, pointer]
+    lib.kiapi_add_layer_norm.argtypes += [ctypes.c_float, number]
+    lib.kiapi_add_layer_norm.restype = None
     lib.kiapi_bf16_ready.argtypes = []
     lib.kiapi_pack_bf16.argtypes = [pointer, number, number, pointer, number]
     lib.kiapi_pack_bf16.restype = None
@@ -458,9 +461,46 @@ def softmax_in_place(scores: Any, threads: int) -> None:
     )  # fmt: skip
 
 
+def attention(
+    q: Any, k: Any, v: Any, out: Any, sizes: tuple[int, ...], strides: Sequence[int],
+    scale: float, causal: bool, keep: Any, threads: int,
+) -> None:  # fmt: skip
+    """``kiapi_attention`` over NumPy float32 views (see ``qmatmul.c``): ``sizes`` is (batch,
+    heads, kv heads, queries, keys, head size); ``strides`` the 12 element strides of q, k, v
+    and out; ``keep`` None or a uint8 (batch or 1, queries, keys) array (nonzero: attend)."""
+    import numpy as np
+
+    batch, heads, kv_heads, length, keys, dim = sizes
+    padded = -(-keys // 16) * 16  # keys rounded up to the kernel's widest vector
+    strides_c = (ctypes.c_long * 12)(*strides)
+    c = ctypes
+    kernel().kiapi_attention(
+        *(c.c_void_p(a.ctypes.data) for a in (q, k, v, out)),
+        *(c.c_int(n) for n in sizes), strides_c, c.c_float(scale), c.c_int(int(causal)),
+        c.c_void_p(None if keep is None else keep.ctypes.data),
+        c.c_int(int(keep is not None and keep.shape[0] > 1)),
+        c.c_void_p(scratch("attention_keys", batch * kv_heads * dim * padded).ctypes.data),
+        c.c_void_p(scratch("attention_scores", threads * padded).ctypes.data),
+        c.c_int(threads),
+    )  # fmt: skip
+    np.asarray(out)  # (the caller's array, written)
+
+
+def add_layer_norm(a: Any, x: Any, gamma: Any, beta: Any, eps: float, threads: int) -> None:
+    """``x = layer_norm(a + x)`` over rows, in place in the C-contiguous float32 NumPy ``x``."""
+    rows, cols = x.shape
+    c = ctypes
+    kernel().kiapi_add_layer_norm(
+        c.c_void_p(a.ctypes.data), c.c_void_p(x.ctypes.data), c.c_int(rows), c.c_int(cols),
+        c.c_void_p(gamma.ctypes.data), c.c_void_p(beta.ctypes.data), c.c_float(eps),
+        c.c_int(threads),
+    )  # fmt: skip
+
+
 def gelu_in_place(x: Any, threads: int) -> None:
-    """Exact (erf) GELU of an evaluated float32 MLX array, in its own buffer (as above)."""
-    view = _own_buffer(x)
+    """Exact (erf) GELU of an evaluated float32 MLX array, in its own buffer (as above), or of
+    a C-contiguous float32 NumPy array."""
+    view = x if hasattr(x, "ctypes") else _own_buffer(x)
     kernel().kiapi_gelu(
         ctypes.c_void_p(view.ctypes.data), ctypes.c_long(view.size), ctypes.c_int(threads)
     )

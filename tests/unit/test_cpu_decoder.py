@@ -4,6 +4,8 @@ its SwiGLU ``MLP``, replaced over packed weights. Real mlx-lm modules, random we
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -130,9 +132,9 @@ def test_a_packed_llama_computes_what_mlx_lm_does(mx, bits, monkeypatch):
     assert dequantize_for_cpu(model, "packed") == "packed"
     packed_mlp = cpu_decoder.packed_mlp_class()
     assert all(isinstance(layer.mlp, packed_mlp) for layer in model.layers)
-    cpu_decoder.install_attention("mlx_lm.models.llama")
-    if ours is original:  # not installed before this test
-        ours = llama.scaled_dot_product_attention
+    assert cpu_decoder.install_attention("mlx_lm.models.llama")
+    if ours is original:  # installed by this test, or by an earlier one this monkeypatch undid
+        ours = functools.partial(cpu_decoder.attention, original)
     monkeypatch.setattr(llama, "scaled_dot_product_attention", ours)
     assert llama.scaled_dot_product_attention.func is cpu_decoder.attention
     for got, theirs in zip(run(), reference, strict=True):
