@@ -586,6 +586,12 @@ def tokens_first_generation_batch() -> type:
             self._constructing = True  # mlx-lm's constructor steps once: not here
             super().__init__(*args, **kwargs)
             self._constructing = False
+            # what that step would have left: one (not yet computed) logprobs entry per
+            # sequence, for filter() and extend() (a sequence removed before the next step),
+            # and the tokens to feed as the sampler's dtype
+            self._next_logprobs = [None] * len(self.uids)
+            if self._next_tokens is not None:
+                self._next_tokens = self._next_tokens.astype(import_mlx().uint32)
 
         def _step(self):
             if self._constructing:

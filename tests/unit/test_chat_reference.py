@@ -122,6 +122,30 @@ def test_each_token_comes_one_forward_pass_after_the_last(chat):
     assert tokens == prompt["llamacpp_f32_greedy"][:4]
 
 
+@pytest.mark.parametrize("steps_before_removal", [1, 2, 3])
+def test_a_sequence_removed_as_another_joins_leaves_the_other_intact(chat, steps_before_removal):
+    """A decodes, B is added, and A is removed (a client gone) one to three steps later: one of
+    these lands right after B joined the running batch, before its first step (kiapi's
+    GenerationBatch once lacked the per-sequence entries mlx-lm's ``filter`` reads there).
+    B's greedy tokens stay llama.cpp's."""
+    from kiapi.runtime.llm_engine import Generator, Sampling
+
+    first, second = REFERENCE["prompts"][0], REFERENCE["prompts"][1]
+    generator = Generator(chat)
+    a = generator.add(first["ids"], 64, Sampling(temperature=0))
+    while not generator.step():
+        pass
+    b = generator.add(second["ids"], 4, Sampling(temperature=0))
+    tokens = []
+    for _ in range(steps_before_removal):
+        tokens += [s.token for s in generator.step() if s.uid == b]
+    generator.remove(a)
+    while generator.active:
+        tokens += [s.token for s in generator.step() if s.uid == b]
+    generator.close()
+    assert tokens == second["llamacpp_f32_greedy"][:4]
+
+
 @pytest.mark.parametrize("index", range(len(REFERENCE["prompts"])))
 def test_tokens_equal_llama_cpps(chat, index):
     prompt = REFERENCE["prompts"][index]
