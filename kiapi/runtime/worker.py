@@ -317,19 +317,23 @@ class Worker:
             return False
         return True
 
-    def _finish(self, job: Job, outcome: JobOutput | BaseException) -> None:
+    def _done(self, job: Job, outcome: JobOutput | BaseException) -> None:
+        """The job's record, then its metrics, then its waiter: a client that has its answer
+        sees the job finished and counted (a fast job's metrics once came after its reply)."""
         if isinstance(outcome, JobCanceled):
             self._store.finish(job, CANCELED, error=outcome.detail)
-            job.future.set_exception(outcome)
         elif isinstance(outcome, KiapiError):
             self._store.finish(job, FAILED, error=outcome.detail)
-            job.future.set_exception(outcome)
         elif isinstance(outcome, BaseException):
             log.error("job %s (%s) crashed", job.id, job.type, exc_info=outcome)
             self._store.finish(job, FAILED, error=f"internal error: {outcome!r}")
-            job.future.set_exception(outcome)
         else:
             self._store.finish(job, SUCCEEDED, result=outcome.result, artifacts=outcome.artifacts)
+        if self._metrics is not None:
+            self._metrics.job_done(job.type, job.status, job.run_seconds())
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
             job.future.set_result(outcome)
 
     def _run(self) -> None:
@@ -405,18 +409,14 @@ class Worker:
         for job, outcome in left:
             self._done(job, outcome)
 
-    def _done(self, job: Job, outcome: JobOutput | BaseException) -> None:
-        self._finish(job, outcome)
-        if self._metrics is not None:
-            self._metrics.job_done(job.type, job.status, job.run_seconds())
-
     def _run_members(self, members: list[tuple[Job, JobBody]]) -> None:
         """Run one job or one batch to its end."""
         started = time.monotonic()
-        for job, outcome in zip((job for job, _ in members), self._outcomes(members), strict=True):
-            self._done(job, outcome)
-        if self._metrics is not None:
+        outcomes = self._outcomes(members)
+        if self._metrics is not None:  # before any reply, as a job's own metrics
             self._metrics.batch_ran(members[0][0].type, len(members))
+        for job, outcome in zip((job for job, _ in members), outcomes, strict=True):
+            self._done(job, outcome)
         elapsed = (time.monotonic() - started) / len(members)
         self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
 
