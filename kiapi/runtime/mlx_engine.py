@@ -410,7 +410,9 @@ class FastBert:
     * where :func:`kiapi.runtime.qmatmul.bf16_products` holds (a CPU with AMX, the
       ``matmul_precision`` setting ``auto``), the four products of a layer run in bfloat16 on
       AMX tiles (:class:`kiapi.runtime.qmatmul.Bf16Linear`, weights held as tiles, float32
-      sums), else in float32 through MLX and the BLAS;
+      sums), and then the whole layer runs in kiapi's kernel on NumPy buffers
+      (:meth:`_encode_in_kernel`: attention, residual and layer norm, GELU too; the rest of
+      this list is the float32 path); else in float32 through MLX and the BLAS;
     * the softmax and GELU run in kiapi's kernel (:meth:`__call__`); without it (no C
       compiler) GELU uses :func:`polynomial_gelu` and large attention softmaxes
       :func:`numpy_softmax`;
