@@ -3,16 +3,14 @@
 MLX's CPU backend runs ``exp`` one scalar at a time (its vector code is for ARM), so on x86
 a 255-token prompt through SmolLM2 spent ~6.8 ms per layer in attention's softmax and ~6.1 ms
 in the MLP's SiLU: 0.4 s of a 0.7 s prefill, against ~0.5 and ~0.1 ms in
-``qmatmul.c``'s vectorized ``kiapi_softmax``/``kiapi_swiglu`` on both cores. Two seams:
+``qmatmul.c``'s vectorized ``kiapi_attention``/``kiapi_swiglu`` on both cores. Two seams:
 
 * :func:`install_attention` replaces ``scaled_dot_product_attention`` in the mlx-lm model
   modules of :data:`SWIGLU_MODULES` (a module global they import from ``mlx_lm.models.base``)
-  with :func:`attention`: for :data:`ATTENTION_MIN_QUERIES` queries or more (prefill) with no
-  mask, a causal one or a boolean array, the whole attention runs in the kernel
-  (:func:`fused_attention`: scores, softmax and weighted values per query row, no BLAS); an
-  additive array mask gets MLX's products around the kernel's softmax; anything else
-  (decoding's single query, attention sinks, a quantized cache) goes to mlx-lm's own function
-  unchanged. Process-wide and idempotent.
+  with :func:`attention`: for :data:`ATTENTION_MIN_QUERIES` queries or more (prefill) the
+  whole attention runs in the kernel (``kiapi_attention``: scores, mask, softmax and weighted
+  values per query row, no BLAS); anything else (decoding's single query, attention sinks, a
+  quantized cache) goes to mlx-lm's own function unchanged. Process-wide and idempotent.
 * :class:`PackedMLP` (from :func:`packed_mlp_class`) replaces those modules' SwiGLU ``MLP``
   when its projections are packed (:mod:`kiapi.runtime.qmatmul`): gate and up as one product,
   the activation, and down, all on NumPy buffers between one evaluation of ``x`` and one MLX
@@ -93,62 +91,22 @@ def attention(original, queries, keys, values, cache, scale, mask, sinks=None):
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     import numpy as np
 
-    if not array_mask or mask.dtype == mx.bool_:
-        return fused_attention(queries, keys, values, scale, mask)
-    repeats = heads // kv_heads  # an additive mask: MLX's products, the kernel's softmax
-    q = (queries * scale).reshape(batch, kv_heads, repeats * length, dim)
-    scores = q @ keys.swapaxes(-1, -2)  # (B, kv_heads, repeats * L, S)
-    keep, keep_batched = None, 0
-    if array_mask:
-        while mask.ndim < 4:
-            mask = mask[None]
-        if mask.dtype == mx.bool_:  # read by the kernel: one byte per (query, key)
-            keep = np.ascontiguousarray(
-                np.array(mx.broadcast_to(mask, (mask.shape[0], 1, length, keys_length)))
-            ).view(np.uint8)
-            keep_batched = int(mask.shape[0] > 1)
-        else:  # additive
-            scores = scores.reshape(batch, kv_heads, repeats, length, keys_length)
-            scores = scores + mask[:, :, None]
-    rows = qmatmul.evaluated_rows(scores, keys_length)
-    probabilities = np.empty_like(rows)
-    c = ctypes
-    qmatmul.kernel().kiapi_softmax(
-        c.c_void_p(rows.ctypes.data), c.c_void_p(probabilities.ctypes.data),
-        c.c_int(rows.shape[0]), c.c_int(keys_length), c.c_int(length),
-        c.c_int(heads * length), c.c_int(mask == "causal"), c.c_int(keys_length - length),
-        c.c_void_p(keep.ctypes.data if keep is not None else None), c.c_int(keep_batched),
-        c.c_int(elementwise_threads(length * batch)),
-    )  # fmt: skip
-    weights = mx.array(probabilities).reshape(batch, kv_heads, repeats * length, keys_length)
-    out = weights.astype(values.dtype) @ values  # (B, kv_heads, repeats * L, D)
-    return out.reshape(batch, heads, length, dim)
-
-
-def fused_attention(queries, keys, values, scale: float, mask) -> Any:
-    """:func:`attention` for no mask, ``"causal"`` or a boolean array mask, whole in the
-    kernel (``kiapi_attention``: scores, softmax and the weighted values of each query row,
-    no BLAS), written into a fresh MLX array."""
-    import numpy as np
-
-    mx = import_mlx()
-    batch, heads, length, dim = queries.shape
-    kv_heads, keys_length = keys.shape[1], keys.shape[2]
     q, k, v = (qmatmul.evaluated_rows(a, dim) for a in (queries, keys, values))
-    keep = None
-    if mask is not None and not isinstance(mask, str):  # boolean: one byte per (query, key)
+    if array_mask:  # (B or 1, L, S): one byte per (query, key), or a float added to its score
         while mask.ndim < 4:
             mask = mask[None]
-        keep = np.ascontiguousarray(
+        mask = np.ascontiguousarray(
             np.array(mx.broadcast_to(mask, (mask.shape[0], 1, length, keys_length)))
-        ).view(np.uint8)
+        )
+        mask = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.float32)
     threads = elementwise_threads(length * batch)
     out, view = qmatmul.fresh_array((batch, heads, length, dim))
     query_strides = (heads * length * dim, length * dim, dim)  # (B, H, L, D): q and out
     key_strides = (kv_heads * keys_length * dim, keys_length * dim, dim)  # k and v
     qmatmul.attention(
         q, k, v, view, (batch, heads, kv_heads, length, keys_length, dim),
-        query_strides + key_strides * 2 + query_strides, scale, mask == "causal", keep, threads,
+        query_strides + key_strides * 2 + query_strides, scale, isinstance(mask, str),
+        mask if array_mask else None, threads,
     )  # fmt: skip
     return out if queries.dtype == mx.float32 else out.astype(queries.dtype)
 

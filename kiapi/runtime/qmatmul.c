@@ -364,36 +364,15 @@ static inline float exp_row(const float *in, float *out, int seen, const uint8_t
     return sum_of(out, seen);
 }
 
-/* Softmax of each of `rows` rows of `cols` values (`out` may be `in`), over the entries a
- * mask keeps; the others become 0, as a mask's -inf would make them (a row that keeps none
- * becomes all 0, not NaN). The rows are attention scores: blocks of `queries` rows (one
- * block per head), `rows_per_batch` rows per batch element. Two masks, either or both:
- *   causal (`causal` != 0): query q of a block (at position offset + q) sees keys 0 .. offset + q;
- *   `keep` (NULL: none): one byte per (query, key), nonzero to attend, `queries` x `cols` per
- *   batch element (`keep_batched`) or one for all; the same for every head. */
-void kiapi_softmax(const float *in, float *out, int rows, int cols, int queries,
-                   int rows_per_batch, int causal, int offset, const uint8_t *keep,
-                   int keep_batched, int threads) {
+/* Softmax of each of `rows` rows of `cols` values, in place (an encoder's attention scores,
+ * its padding already added to them). */
+void kiapi_softmax(float *x, int rows, int cols, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int r = 0; r < rows; r++) {
-        const float *row = in + (size_t)r * cols;
-        float *o = out + (size_t)r * cols;
-        const int q = r % queries;
-        int seen = cols;
-        if (causal) {
-            seen = offset + q + 1;
-            if (seen > cols) seen = cols;
-        }
-        const uint8_t *k = NULL;
-        if (keep) k = keep + ((size_t)(keep_batched ? r / rows_per_batch : 0) * queries + q) * cols;
-        const float total = exp_row(row, o, seen, k);
-        if (total > 0) {
-            const float inverse = 1.0f / total;
-            for (int j = 0; j < seen; j++) o[j] *= inverse;
-            for (int j = seen; j < cols; j++) o[j] = 0.0f;
-        } else { /* a row that keeps nothing (padding): uniform, as MLX's masked softmax */
-            for (int j = 0; j < cols; j++) o[j] = 1.0f / cols;
-        }
+        float *row = x + (size_t)r * cols;
+        const float inverse = 1.0f / exp_row(row, row, cols, NULL);
+#pragma GCC ivdep
+        for (int j = 0; j < cols; j++) row[j] *= inverse;
     }
 }
 
@@ -432,11 +411,12 @@ static inline __attribute__((always_inline)) void weighted_rows(
  * query heads (h reads kv head h / (H / KVH)). float32, each row of D contiguous, the rest
  * laid out by `strides`: for q, k, v and out in turn, the element strides of the batch, head
  * and position axes (12 values; (B, H, L, D) contiguous is {H L D, L D, D}, and an encoder's
- * fused (B, L, 3, H, D) product holds q, k and v at strides {3 L H D, D, 3 H D}). Masks as
- * kiapi_softmax's: causal (query i at position S - L + i sees keys 0 .. S - L + i) and/or
- * `keep`, one byte per (query, key) (nonzero: attend), L x S per batch element
- * (`keep_batched`) or one for all; a row that keeps nothing attends uniformly to all S keys
- * (MLX's masked softmax).
+ * fused (B, L, 3, H, D) product holds q, k and v at strides {3 L H D, D, 3 H D}). Masks, the
+ * ones mlx-lm passes (at most one): causal (query i at position S - L + i sees keys
+ * 0 .. S - L + i); `keep`, one byte per (query, key) (nonzero: attend); `add`, a float per
+ * (query, key) added to the scores. `keep` and `add` hold L x S per batch element
+ * (`mask_batched`) or one for all, the same for every head. A row that keeps nothing attends
+ * uniformly to all S keys (MLX's masked softmax).
  *
  * The keys are transposed once into `work` (B * KVH * D * SP floats, SP = S rounded up to
  * LANES, zero-padded); each query row's scores are then LANES keys at a time in a register
@@ -445,8 +425,8 @@ static inline __attribute__((always_inline)) void weighted_rows(
  * same products used to wake fought kiapi's OpenMP threads for the two cores. */
 void kiapi_attention(const float *q, const float *k, const float *v, float *out, int B, int H,
                      int KVH, int L, int S, int D, const long *strides, float scale, int causal,
-                     const uint8_t *keep, int keep_batched, float *work, float *scores,
-                     int threads) {
+                     const uint8_t *keep, const float *add, int mask_batched, float *work,
+                     float *scores, int threads) {
     const long *qs = strides, *ks = strides + 3, *vs = strides + 6, *os = strides + 9;
     const int SP = (S + LANES - 1) / LANES * LANES;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -479,7 +459,8 @@ void kiapi_attention(const float *q, const float *k, const float *v, float *out,
             if (seen > S) seen = S;
             if (seen < 0) seen = 0;
         }
-        const uint8_t *kp = keep ? keep + ((size_t)(keep_batched ? b : 0) * L + i) * S : NULL;
+        const size_t mask_row = ((size_t)(mask_batched ? b : 0) * L + i) * S;
+        const uint8_t *kp = keep ? keep + mask_row : NULL;
         float qd[D]; /* the query row, scaled */
         for (int d = 0; d < D; d++) qd[d] = qi[d] * scale;
         int j0 = 0; /* four vectors of keys at a time: four independent sums */
@@ -501,6 +482,11 @@ void kiapi_attention(const float *q, const float *k, const float *v, float *out,
             vf acc = (vf){0};
             for (int d = 0; d < D; d++) acc += qd[d] * loadv(kt + (size_t)d * SP + j0);
             memcpy(s + j0, &acc, sizeof(acc));
+        }
+        if (add) {
+            const float *ap = add + mask_row;
+#pragma GCC ivdep
+            for (int j = 0; j < seen; j++) s[j] += ap[j];
         }
         const float total = exp_row(s, s, seen, kp);
         if (total > 0) {

@@ -178,14 +178,14 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_dequantize.argtypes = [pointer, pointer, pointer, number, number, number]
     lib.kiapi_dequantize.argtypes += [number, pointer, number]
     lib.kiapi_dequantize.restype = None
-    lib.kiapi_softmax.argtypes = [pointer, pointer] + [number] * 6 + [pointer, number, number]
+    lib.kiapi_softmax.argtypes = [pointer, number, number, number]
     lib.kiapi_softmax.restype = None
     lib.kiapi_swiglu.argtypes = [pointer, number, number, pointer, number]
     lib.kiapi_swiglu.restype = None
     lib.kiapi_gelu.argtypes = [pointer, ctypes.c_long, number]
     lib.kiapi_gelu.restype = None
     lib.kiapi_attention.argtypes = [pointer] * 4 + [number] * 6 + [pointer, ctypes.c_float]
-    lib.kiapi_attention.argtypes += [number, pointer, number, pointer, pointer, number]
+    lib.kiapi_attention.argtypes += [number, pointer, pointer, number, pointer, pointer, number]
     lib.kiapi_attention.restype = None
     lib.kiapi_add_layer_norm.argtypes = [pointer, pointer, number, number, pointer, pointer]
     lib.kiapi_add_layer_norm.argtypes += [ctypes.c_float, number]
@@ -455,35 +455,33 @@ def softmax_in_place(scores: Any, threads: int) -> None:
     rows, cols = view.shape
     c = ctypes
     kernel().kiapi_softmax(
-        c.c_void_p(view.ctypes.data), c.c_void_p(view.ctypes.data), c.c_int(rows),
-        c.c_int(cols), c.c_int(1), c.c_int(rows), c.c_int(0), c.c_int(0), c.c_void_p(None),
-        c.c_int(0), c.c_int(threads),
-    )  # fmt: skip
+        c.c_void_p(view.ctypes.data), c.c_int(rows), c.c_int(cols), c.c_int(threads)
+    )
 
 
 def attention(
     q: Any, k: Any, v: Any, out: Any, sizes: tuple[int, ...], strides: Sequence[int],
-    scale: float, causal: bool, keep: Any, threads: int,
+    scale: float, causal: bool, mask: Any, threads: int,
 ) -> None:  # fmt: skip
     """``kiapi_attention`` over NumPy float32 views (see ``qmatmul.c``): ``sizes`` is (batch,
     heads, kv heads, queries, keys, head size); ``strides`` the 12 element strides of q, k, v
-    and out; ``keep`` None or a uint8 (batch or 1, queries, keys) array (nonzero: attend)."""
-    import numpy as np
-
+    and out; ``mask`` None or a C-contiguous (batch or 1, queries, keys) array, uint8 (nonzero:
+    attend) or float32 (added to the scores)."""
     batch, heads, kv_heads, length, keys, dim = sizes
     padded = -(-keys // 16) * 16  # keys rounded up to the kernel's widest vector
     strides_c = (ctypes.c_long * 12)(*strides)
+    keep = mask is not None and mask.dtype == "uint8"
     c = ctypes
     kernel().kiapi_attention(
         *(c.c_void_p(a.ctypes.data) for a in (q, k, v, out)),
         *(c.c_int(n) for n in sizes), strides_c, c.c_float(scale), c.c_int(int(causal)),
-        c.c_void_p(None if keep is None else keep.ctypes.data),
-        c.c_int(int(keep is not None and keep.shape[0] > 1)),
+        c.c_void_p(mask.ctypes.data if keep else None),
+        c.c_void_p(None if keep or mask is None else mask.ctypes.data),
+        c.c_int(int(mask is not None and mask.shape[0] > 1)),
         c.c_void_p(scratch("attention_keys", batch * kv_heads * dim * padded).ctypes.data),
         c.c_void_p(scratch("attention_scores", threads * padded).ctypes.data),
         c.c_int(threads),
     )  # fmt: skip
-    np.asarray(out)  # (the caller's array, written)
 
 
 def add_layer_norm(a: Any, x: Any, gamma: Any, beta: Any, eps: float, threads: int) -> None:
