@@ -239,12 +239,11 @@ def main() -> None:
     layers = [w for name, w in named.items() if not name.endswith(".head")]
     products_ms = best_ms(lambda: mx.eval([rows[w.shape[1]] @ w.T for w in layers]), 2)
     times = {layout: best_ms(lambda m=chat.model: prefill(m), 2) for layout, chat in models.items()}
-    if qmatmul.bf16_products():  # the packed model's products in bfloat16 (AMX) above
+    if qmatmul.bf16_products():  # the packed model's products ran in bfloat16 (AMX) above
+        times["packed, bfloat16 (AMX)"] = times.pop("packed")
         qmatmul.configure("float32")
         times["packed, float32 products"] = best_ms(lambda: prefill(models["packed"].model), 2)
         qmatmul.configure("auto")
-        times["packed"] = best_ms(lambda: prefill(models["packed"].model), 2)
-        times = {("packed, bfloat16 (AMX)" if k == "packed" else k): v for k, v in times.items()}
     print(
         f"prefill, {len(long_ids)}-token prompt, in-process: "
         + ", ".join(f"{layout} {ms:.0f} ms" for layout, ms in times.items())

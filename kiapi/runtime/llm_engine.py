@@ -569,7 +569,8 @@ def tokens_first_generation_batch() -> type:
     one (~27 ms more TTFT at batch 1 here, by hand). Here a step is one forward pass, of the
     tokens fed last, and returns the tokens it samples. ``self.tokens`` (the tokens in the
     KV cache) stays as mlx-lm defines it; a sequence that stops is dropped without feeding its
-    stop token (one forward pass fewer). ``tests/unit/test_llm_engine.py`` checks the seam."""
+    stop token (one forward pass fewer). ``tests/unit/test_chat_reference.py`` checks the
+    seam."""
     import importlib
 
     import_mlx()

@@ -408,11 +408,10 @@ class FastBert:
     * query, key and value are one matmul (weights concatenated once; the 1/sqrt(head size)
       scale folded into the query weights);
     * where :func:`kiapi.runtime.qmatmul.bf16_products` holds (a CPU with AMX, the
-      ``matmul_precision`` setting ``auto``), the four products of a layer run in bfloat16 on
-      AMX tiles (:class:`kiapi.runtime.qmatmul.Bf16Linear`, weights held as tiles, float32
-      sums), and then the whole layer runs in kiapi's kernel on NumPy buffers
-      (:meth:`_encode_in_kernel`: attention, residual and layer norm, GELU too; the rest of
-      this list is the float32 path); else in float32 through MLX and the BLAS;
+      ``matmul_precision`` setting ``auto``) and every matrix fits the tiles, the model holds
+      its matrices as bfloat16 tiles (:class:`kiapi.runtime.qmatmul.Bf16Linear`) and every
+      layer runs in kiapi's kernel on NumPy buffers (:meth:`_encode_in_kernel`); the rest of
+      this list is the float32 path, through MLX and the BLAS;
     * the softmax and GELU run in kiapi's kernel (:meth:`__call__`); without it (no C
       compiler) GELU uses :func:`polynomial_gelu` and large attention softmaxes
       :func:`numpy_softmax`;
@@ -450,49 +449,49 @@ class FastBert:
         self.threads_per_stream = max(1, cores // len(self.streams))
         self.cores = cores
         scale = 1 / math.sqrt(self.head_size)
-        self.bf16 = self.kernel and qmatmul.bf16_products() and bf16 is not False
-        self.layers = []
         self.quantized = "scales" in model.encoder.layer[0].intermediate.dense
+        matrices = []  # per layer: (outputs, inputs) weight and bias of qkv, out, up, down
         for layer in model.encoder.layer:
             att = layer.attention.self
-            matrices = {  # (outputs, inputs) weights and biases
-                "qkv": (
-                    mx.concatenate(
-                        [
-                            float_linear_weight(att.query) * scale,
-                            float_linear_weight(att.key),
-                            float_linear_weight(att.value),
-                        ]
+            qkv = [float_linear_weight(m) for m in (att.query, att.key, att.value)]
+            matrices.append(
+                {
+                    "qkv": (
+                        mx.concatenate([qkv[0] * scale, qkv[1], qkv[2]]),
+                        mx.concatenate([att.query.bias * scale, att.key.bias, att.value.bias]),
                     ),
-                    mx.concatenate([att.query.bias * scale, att.key.bias, att.value.bias]),
-                ),
-                "out": layer.attention.output.dense,
-                "up": layer.intermediate.dense,
-                "down": layer.output.dense,
-            }
-            params = {"norm1": layer.attention.output.LayerNorm, "norm2": layer.output.LayerNorm}
-            for name, matrix in matrices.items():
-                if not isinstance(matrix, tuple):
-                    matrix = float_linear_weight(matrix), matrix.bias
-                weight, bias = matrix
-                if self.bf16 and qmatmul.bf16_shape(*weight.shape):
-                    params[name] = qmatmul.Bf16Linear(weight, bias)
-                else:
-                    params[f"w_{name}"], params[f"b_{name}"] = weight.T, bias
-                    mx.eval(weight, bias)
-            if self.bf16:  # the norms' weights, read by the kernel
-                for norm in ("norm1", "norm2"):
-                    params[f"{norm}_numpy"] = tuple(
-                        np.array(a.astype(mx.float32))
-                        for a in (params[norm].weight, params[norm].bias)
+                    **{
+                        name: (float_linear_weight(dense), dense.bias)
+                        for name, dense in (
+                            ("out", layer.attention.output.dense),
+                            ("up", layer.intermediate.dense),
+                            ("down", layer.output.dense),
+                        )
+                    },
+                }
+            )
+        # bfloat16 for the whole model or not at all: every matrix must fit the tiles
+        self.bf16 = (
+            self.kernel
+            and bf16 is not False
+            and qmatmul.bf16_products()
+            and all(qmatmul.bf16_shape(*w.shape) for m in matrices for w, _ in m.values())
+        )
+        self.layers = []
+        for layer, m in zip(model.encoder.layer, matrices, strict=True):
+            norms = {"norm1": layer.attention.output.LayerNorm, "norm2": layer.output.LayerNorm}
+            if self.bf16:  # tiles, and the norms' weights as the kernel reads them
+                params = {name: qmatmul.Bf16Linear(w, b) for name, (w, b) in m.items()}
+                for name, norm in norms.items():
+                    params[name] = tuple(
+                        np.array(a.astype(mx.float32)) for a in (norm.weight, norm.bias)
                     )
+            else:
+                params = dict(norms)
+                for name, (w, b) in m.items():
+                    params[f"w_{name}"], params[f"b_{name}"] = w.T, b
             self.layers.append(params)
-
-    @property
-    def all_tiles(self) -> bool:
-        """Whether every layer's four matrices are bfloat16 tiles (their sizes fit)."""
-        names = ("qkv", "out", "up", "down")
-        return all(isinstance(p.get(n), qmatmul.Bf16Linear) for p in self.layers for n in names)
+        mx.eval([{k: v for k, v in p.items() if k.startswith(("w_", "b_"))} for p in self.layers])
 
     def extra_bytes(self) -> int:
         """Memory it adds to the model's own weights: the bfloat16 tiles of every matrix, or
@@ -507,13 +506,6 @@ class FastBert:
             for key, value in p.items()
             if key in copied or isinstance(value, qmatmul.Bf16Linear)
         )
-
-    def _product(self, p, name: str, x):
-        """``x @ W + b`` of the layer's matrix ``name``: in bfloat16 now, or a lazy float32
-        ``addmm``."""
-        if name in p:
-            return p[name](x)
-        return import_mlx().addmm(p[f"b_{name}"], x, p[f"w_{name}"])
 
     def _encode_in_kernel(self, input_ids, attention_mask):
         """The encoder with every matrix as bfloat16 tiles: after MLX's embeddings, each layer
@@ -545,11 +537,11 @@ class FastBert:
                 1.0, False, keep, threads,
             )  # fmt: skip
             out = qmatmul.gemm_bf16(context, p["out"].tiles, hidden, p["out"].bias)
-            qmatmul.add_layer_norm(out, x, *p["norm1_numpy"], self.eps, threads)
+            qmatmul.add_layer_norm(out, x, *p["norm1"], self.eps, threads)
             up = qmatmul.gemm_bf16(x, p["up"].tiles, p["up"].outputs, p["up"].bias)
             qmatmul.gelu_in_place(up, threads)
             down = qmatmul.gemm_bf16(up, p["down"].tiles, hidden, p["down"].bias)
-            qmatmul.add_layer_norm(down, x, *p["norm2_numpy"], self.eps, threads)
+            qmatmul.add_layer_norm(down, x, *p["norm2"], self.eps, threads)
         return mx.array(x.reshape(rows, width, hidden))
 
     def __call__(self, input_ids, attention_mask):
@@ -563,7 +555,7 @@ class FastBert:
         on one thread (on two, a 32 x 12-token batch ran at 430 texts/s instead of 656, by
         hand). Without it, the halves run unsynchronized: the softmax is MLX's (NumPy's for
         a large one on one stream) and GELU :func:`polynomial_gelu`."""
-        if self.bf16 and self.all_tiles:
+        if self.bf16:
             return self._encode_in_kernel(input_ids, attention_mask)
         mx = import_mlx()
         rows, width = input_ids.shape
@@ -592,9 +584,7 @@ class FastBert:
                 return numpy_softmax(scores)
             return mx.softmax(scores, axis=-1)
 
-        def each(step, ready: str) -> None:  # one step of every part, each on its stream
-            if self.bf16:  # its bfloat16 product runs now: the parts' inputs, side by side
-                mx.eval([part[ready] for part in parts])
+        def each(step) -> None:  # one step of every part, each on its stream (lazy)
             for part in parts:
                 with mx.stream(part["stream"]):
                     step(part)
@@ -606,34 +596,27 @@ class FastBert:
             for p in self.layers:
 
                 def attention_scores(part, p=p):
-                    qkv = self._product(p, "qkv", part["x"])
+                    qkv = mx.addmm(p["b_qkv"], part["x"], p["w_qkv"])
                     qkv = qkv.reshape(part["batch"], width, 3, heads, size)
                     part["qkv"] = qkv.transpose(2, 0, 3, 1, 4)
                     scores = part["qkv"][0] @ part["qkv"][1].swapaxes(-1, -2)
                     part["scores"] = scores + part["mask"]
 
-                def context(part):
-                    context = (part["scores"] @ part["qkv"][2]).transpose(0, 2, 1, 3)
-                    part["context"] = context.reshape(part["batch"], width, heads * size)
-
                 def up_projection(part, p=p):
-                    out = self._product(p, "out", part.pop("context"))
-                    part["x"] = p["norm1"](out + part["x"])
-
-                def activation_input(part, p=p):
-                    part["up"] = self._product(p, "up", part["x"])
+                    context = (part["scores"] @ part["qkv"][2]).transpose(0, 2, 1, 3)
+                    context = context.reshape(part["batch"], width, heads * size)
+                    x = p["norm1"](mx.addmm(p["b_out"], context, p["w_out"]) + part["x"])
+                    part["x"], part["up"] = x, mx.addmm(p["b_up"], x, p["w_up"])
 
                 def down_projection(part, p=p):
-                    down = self._product(p, "down", part["up"])
+                    down = mx.addmm(p["b_down"], part["up"], p["w_down"])
                     part["x"] = p["norm2"](down + part["x"])
 
-                each(attention_scores, ready="x")
+                each(attention_scores)
                 self._elementwise(parts, "scores", qmatmul.softmax_in_place, softmax)
-                each(context, ready="scores")
-                each(up_projection, ready="context")
-                each(activation_input, ready="x")
+                each(up_projection)
                 self._elementwise(parts, "up", qmatmul.gelu_in_place, polynomial_gelu)
-                each(down_projection, ready="up")
+                each(down_projection)
             out = [part["x"] for part in parts]
             mx.eval(out)
         finally:
@@ -648,7 +631,7 @@ class FastBert:
         if self.kernel:
             mx.eval([part[key] for part in parts])
             for part in parts:
-                in_place(part[key], threads=self.cores if self.bf16 else 1)
+                in_place(part[key], threads=1)
             return
         for part in parts:
             with mx.stream(part["stream"]):

@@ -592,7 +592,7 @@ static inline uint16_t to_bf16(float f) {
 
 int kiapi_bf16_ready(void) {
 #ifdef KIAPI_AMX
-    static int ready = -1; /* asked once; the caller (qmatmul.py) holds a lock */
+    static int ready = -1; /* asked once (qmatmul.py caches the answer; asking again is harmless) */
     if (ready < 0) /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: the whole process */
         ready = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
     return ready;

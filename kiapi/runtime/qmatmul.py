@@ -218,11 +218,14 @@ def configure(precision: str) -> None:
 def bf16_products() -> bool:
     """Whether products over many rows run in bfloat16 on AMX (see ``qmatmul.c``): the
     setting allows it, the kernel is built with AMX, and Linux lets this process use it."""
-    if _precision["value"] != "auto":
-        return False
+    return _precision["value"] == "auto" and _amx_granted()
+
+
+@functools.cache
+def _amx_granted() -> bool:
+    """The kernel is built with AMX and Linux gave this process the tile state (asked once)."""
     lib = kernel()
-    with _lock:
-        return lib is not None and bool(lib.kiapi_bf16_ready())
+    return lib is not None and bool(lib.kiapi_bf16_ready())
 
 
 def bf16_shape(outputs: int, inputs: int) -> bool:
@@ -253,8 +256,8 @@ def gemm_bf16(x_view: Any, tiles: Any, outputs: int, bias: Any = None, out: Any 
 
 
 class Bf16Linear:
-    """``x @ W.T + b`` for a float32 (outputs, inputs) ``W``, held as bfloat16 AMX tiles (half
-    its float32 memory) and run by :func:`gemm_bf16`. Only when :func:`bf16_products` and
+    """A linear layer's float32 (outputs, inputs) ``W`` held as bfloat16 AMX tiles (half its
+    float32 memory) and its bias, for :func:`gemm_bf16`. Only when :func:`bf16_products` and
     :func:`bf16_shape` hold. Its arrays never change after construction."""
 
     def __init__(self, weight: Any, bias: Any = None) -> None:
@@ -276,14 +279,6 @@ class Bf16Linear:
     @property
     def nbytes(self) -> int:
         return self.tiles.nbytes + (0 if self.bias is None else self.bias.nbytes)
-
-    def __call__(self, x: Any) -> Any:
-        """``x`` (..., inputs) evaluated now; an MLX array out (the product is written into
-        its buffer: no copy)."""
-        x_view = evaluated_rows(x, self.inputs)
-        out, view = fresh_array((x_view.shape[0], self.outputs))
-        gemm_bf16(x_view, self.tiles, self.outputs, self.bias, out=view)
-        return out.reshape(*x.shape[:-1], self.outputs)
 
 
 def fresh_array(shape: tuple[int, ...]) -> tuple[Any, Any]:
