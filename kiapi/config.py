@@ -103,6 +103,14 @@ class Settings(BaseSettings):
         description="After a batch of n > 1 requests, how long the worker may wait for n to be "
         "queued again before the next batch (a single client never waits); 0: never wait.",
     )
+    interlude_share: float = Field(
+        0.15,
+        ge=0,
+        lt=1,
+        description="Most of the worker's time that queued requests for resident models (such "
+        "as embeddings) may take between the layers of a running decode step, instead of "
+        "waiting for the whole step; 0: they wait for the step's end.",
+    )
     chat_max_tokens: PositiveInt = Field(
         1024,
         description="Most tokens one chat completion may generate: the default max_tokens, "

@@ -94,6 +94,7 @@ class Runtime:
                 settings.batch_max_tokens,
                 settings.batch_fill_wait_ms / 1000,
             ),
+            interlude_share=settings.interlude_share,
         )
         self.metrics.watch(self.worker.queue_len, self.memory)
         self.files = FileStore(settings.files_root, max_upload_bytes=settings.max_upload_bytes)

@@ -29,7 +29,7 @@ import importlib
 import logging
 from typing import Any
 
-from kiapi.runtime import qmatmul
+from kiapi.runtime import interlude, qmatmul
 from kiapi.runtime.mlx_import import import_mlx
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,9 @@ def packed_mlp_class() -> type:
                 ctypes.c_int(self._hidden), ctypes.c_void_p(hidden.ctypes.data),
                 ctypes.c_int(elementwise_threads(rows)),
             )  # fmt: skip
-            return mx.array(self._down.product(hidden)).reshape(*lead, self._down.outputs)
+            out = mx.array(self._down.product(hidden)).reshape(*lead, self._down.outputs)
+            interlude.checkpoint()  # between layers: nothing of this step is in flight
+            return out
 
     return PackedMLP
 

@@ -27,6 +27,13 @@ Invariants:
   step, and a request joins a running generation between two steps. A runner that is no
   longer busy is closed. :meth:`Worker.stop_running` asks a runner to end a job at its next
   step.
+* Interludes: inside a step, at each :func:`~kiapi.runtime.interlude.checkpoint` the engine
+  reaches (between two layers), the worker may run one queued batch whose
+  :attr:`Batchable.ready_now` says it can start at once (its model resident: nothing loads,
+  nothing is evicted for it). Interludes take at most ``interlude_share`` of the worker's
+  time: after one that took t seconds, the next waits ``t * (1 - share) / share``. So a
+  request for a resident model waits a fraction of a decode step, not all of it, and the
+  step's streams keep the rest of the time. ``interlude_share=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kiapi.runtime import interlude
 from kiapi.runtime.errors import JobCanceled, KiapiError, Overloaded
 from kiapi.runtime.jobs import CANCELED, FAILED, SUCCEEDED, Job, JobStore, reporting_for
 from kiapi.runtime.metrics import Metrics
@@ -65,12 +73,17 @@ class Batchable:
     that member alone. ``cost`` is the member's share of ``BatchPolicy.max_cost`` (for
     embeddings: its estimated tokens). Members with equal keys must have interchangeable
     ``run_batch`` callables.
+
+    ``ready_now`` (any thread, cheap): True when the batch could run this instant without
+    loading or evicting anything, so the worker may run it inside another job's step (an
+    interlude); None: never inside a step.
     """
 
     key: Hashable
     item: Any
     run_batch: Callable[[Sequence[Any]], Sequence[JobOutput | BaseException]]
     cost: int = 1
+    ready_now: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,9 +152,16 @@ class Worker:
         on_quiet: Callable[[], None] | None = None,
         batch: BatchPolicy | None = None,
         metrics: Metrics | None = None,
+        interlude_share: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
+        if not 0 <= interlude_share < 1:
+            raise ValueError("interlude_share must be in [0, 1)")
+        self._interlude_share = interlude_share
+        self._clock = clock
+        self._interlude_after = -math.inf  # no interlude before this clock reading (worker)
         self._store = store
         self._max_queue = max_queue
         self._idle_interval_s = idle_interval_s
@@ -388,7 +408,11 @@ class Worker:
                     break
         for key, runner in list(self._runners.items()):
             try:
-                finished = runner.step()
+                if self._interlude_share > 0:
+                    with interlude.handling(self._interlude):
+                        finished = runner.step()
+                else:
+                    finished = runner.step()
             except Exception as exc:  # a runner that breaks fails its members, not the worker
                 log.error("step runner %r crashed", key, exc_info=exc)
                 self._runners.pop(key)
@@ -399,6 +423,34 @@ class Worker:
             if not runner.busy:
                 self._runners.pop(key)
                 self._close_runner(runner, Overloaded("the runner closed", retry_after_s=1))
+
+    def _interlude(self) -> None:
+        """At a checkpoint inside a step: run the first queued batch that is ready now (with
+        its queued batch mates, without waiting for more), unless the last interlude's share
+        of the worker's time has not been served yet."""
+        began = self._clock()
+        if began < self._interlude_after or not self._queue:
+            return
+        with self._cond:
+            if self._stopping:
+                return
+            taken = self._take_ready()
+        if not taken:
+            return
+        self._worked = True
+        self._run_taken(taken)
+        ended = self._clock()
+        share = self._interlude_share
+        self._interlude_after = ended + (ended - began) * (1 - share) / share
+
+    def _take_ready(self) -> list[tuple[Job, JobBody]]:
+        """Remove and return the first queued :class:`Batchable` that is ready now, with its
+        batch mates; empty when none is (lock held)."""
+        for index, (job, body) in enumerate(self._queue):
+            if isinstance(body, Batchable) and body.ready_now is not None and body.ready_now():
+                del self._queue[index]
+                return [(job, body), *self._take_batch_mates(body)]
+        return []
 
     def _close_runner(self, runner: StepRunner, reason: BaseException) -> None:
         try:

@@ -9,6 +9,8 @@ import functools
 import numpy as np
 import pytest
 
+from kiapi.runtime import interlude
+
 
 @pytest.fixture(scope="module")
 def mx():
@@ -138,4 +140,22 @@ def test_a_packed_llama_computes_what_mlx_lm_does(mx, bits, monkeypatch):
     monkeypatch.setattr(llama, "scaled_dot_product_attention", ours)
     assert llama.scaled_dot_product_attention.func is cpu_decoder.attention
     for got, theirs in zip(run(), reference, strict=True):
+        assert np.abs(got - theirs).max() < 2e-4 * max(1.0, np.abs(theirs).max())
+
+    # The worker's interludes: a checkpoint after every layer's MLP, where other work that
+    # uses the same kernels and scratch buffers (here: kernel attention and a packed MLP on
+    # other inputs) may run without changing the step's result.
+    rng = np.random.default_rng(3)
+    other = [mx.array(rng.standard_normal((1, 4, 12, 16)).astype(np.float32)) for _ in "qkv"]
+    other_x = mx.array(rng.standard_normal((1, 40, 64)).astype(np.float32))
+    ran: list[int] = []
+
+    def interlude_work() -> None:
+        mx.eval(ours(*other, None, 0.25, "causal"), model.layers[0].mlp(other_x))
+        ran.append(1)
+
+    with interlude.handling(interlude_work):
+        outputs = run()
+    assert len(ran) == 2 * len(model.layers)  # the prompt's pass and the decoded token's
+    for got, theirs in zip(outputs, reference, strict=True):
         assert np.abs(got - theirs).max() < 2e-4 * max(1.0, np.abs(theirs).max())

@@ -86,3 +86,16 @@ def test_jobs_for_one_model_share_a_batch_key_and_cost_their_estimated_tokens(mi
     other = embedding_job(memory, default_registry().find("qwen3-embedding-8b"), short.item[0], 0)
     assert short.key == long.key != other.key
     assert short.cost == estimated_tokens(EmbeddingItem(text="hello there")) < long.cost == 752
+
+
+def test_a_job_may_run_inside_a_step_only_while_its_model_is_resident(minilm):
+    """``ready_now`` lets the worker run the batch between a decode step's layers: only
+    when nothing would load (a load inside a step would stall every stream for seconds)."""
+    memory = memory_serving(minilm.model)
+    job = embedding_job(memory, SPEC, EmbeddingItem(text="hello there"), 0.0)
+    assert job.ready_now() is False
+    with memory.use(SPEC):
+        pass
+    assert job.ready_now() is True
+    memory.unload_all()
+    assert job.ready_now() is False
