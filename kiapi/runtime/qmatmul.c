@@ -376,27 +376,29 @@ void kiapi_softmax(float *x, int rows, int cols, int threads) {
     }
 }
 
-/* out (D floats) = sum_j s[j] * inverse * v[j] over `seen` rows of v (D floats each, `stride`
+/* out (D floats) = inverse * sum_j s[j] v[j] over `seen` rows of v (D floats each, `stride`
  * apart), with the output row in registers when D is a constant multiple of LANES (the head
- * sizes 32, 64, 128 once inlined). */
+ * sizes 32, 64, 128 once inlined): K keys at a time into K independent sums (4 while they fit
+ * the registers), so the additions do not wait on each other's latency. */
 static inline __attribute__((always_inline)) void weighted_rows(
     const float *s, int seen, float inverse, const float *v, long stride, const int D, float *o) {
-    if (D % LANES == 0 && D <= 8 * LANES) { /* even and odd keys: two independent sums */
-        vf even[8], odd[8];
-        for (int c = 0; c < D / LANES; c++) even[c] = odd[c] = (vf){0};
+    if (D % LANES == 0 && D <= 8 * LANES) {
+        const int C = D / LANES, K = C <= 2 ? 4 : 2;
+        vf acc[4][8];
+        for (int k = 0; k < K; k++)
+            for (int c = 0; c < C; c++) acc[k][c] = (vf){0};
         int j = 0;
-        for (; j + 1 < seen; j += 2) {
-            const float p0 = s[j] * inverse, p1 = s[j + 1] * inverse;
-            for (int c = 0; c < D / LANES; c++) {
-                even[c] += p0 * loadv(v + j * stride + c * LANES);
-                odd[c] += p1 * loadv(v + (j + 1) * stride + c * LANES);
+        for (; j + K <= seen; j += K)
+            for (int k = 0; k < K; k++) {
+                const float p = s[j + k];
+                for (int c = 0; c < C; c++) acc[k][c] += p * loadv(v + (j + k) * stride + c * LANES);
             }
-        }
-        if (j < seen)
-            for (int c = 0; c < D / LANES; c++)
-                even[c] += (s[j] * inverse) * loadv(v + j * stride + c * LANES);
-        for (int c = 0; c < D / LANES; c++) even[c] += odd[c];
-        memcpy(o, even, sizeof(float) * D);
+        for (; j < seen; j++)
+            for (int c = 0; c < C; c++) acc[0][c] += s[j] * loadv(v + j * stride + c * LANES);
+        for (int k = 1; k < K; k++)
+            for (int c = 0; c < C; c++) acc[0][c] += acc[k][c];
+        for (int c = 0; c < C; c++) acc[0][c] *= inverse;
+        memcpy(o, acc[0], sizeof(float) * D);
         return;
     }
     for (int d = 0; d < D; d++) o[d] = 0.0f;
@@ -419,16 +421,21 @@ static inline __attribute__((always_inline)) void weighted_rows(
  * uniformly to all S keys (MLX's masked softmax).
  *
  * The keys are transposed once into `work` (B * KVH * D * SP floats, SP = S rounded up to
- * LANES, zero-padded); each query row's scores are then LANES keys at a time in a register
- * across all D, its softmax in place (`scores`: threads * SP floats), and its output row in
- * registers across its keys. Rows are split over threads. No BLAS: the OpenBLAS threads the
- * same products used to wake fought kiapi's OpenMP threads for the two cores. */
+ * LANES, zero-padded) and the values copied after them as contiguous (S, D) blocks (B * KVH *
+ * S * D floats); each query row's scores are then LANES keys at a time in a register across
+ * all D, its softmax in place (`scores`: threads * SP floats), and its output row in
+ * registers across its keys. Rows are split over threads. The copy of the values: read in
+ * place from an encoder's fused product, a head's value rows lie 3 H D floats apart (4.5 KB
+ * for MiniLM), which maps them onto a few L1 sets that its 128 rows thrashed (by hand, the
+ * weighted sum was a third of attention's samples). No BLAS: the OpenBLAS threads the same
+ * products used to wake fought kiapi's OpenMP threads for the two cores. */
 void kiapi_attention(const float *q, const float *k, const float *v, float *out, int B, int H,
                      int KVH, int L, int S, int D, const long *strides, float scale, int causal,
                      const uint8_t *keep, const float *add, int mask_batched, float *work,
                      float *scores, int threads) {
     const long *qs = strides, *ks = strides + 3, *vs = strides + 6, *os = strides + 9;
     const int SP = (S + LANES - 1) / LANES * LANES;
+    float *values = work + (size_t)B * KVH * D * SP;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int bg = 0; bg < B * KVH; bg++) { /* kt[bg][d][j] = k[b][g][j][d], zeros past S */
         const float *src = k + (bg / KVH) * ks[0] + (bg % KVH) * ks[1];
@@ -437,6 +444,10 @@ void kiapi_attention(const float *q, const float *k, const float *v, float *out,
             for (int d = 0; d < D; d++) dst[(size_t)d * SP + j] = src[j * ks[2] + d];
         for (int d = 0; d < D; d++)
             for (int j = S; j < SP; j++) dst[(size_t)d * SP + j] = 0.0f;
+        const float *vsrc = v + (bg / KVH) * vs[0] + (bg % KVH) * vs[1];
+        float *vdst = values + (size_t)bg * S * D;
+        for (int j = 0; j < S; j++)
+            memcpy(vdst + (size_t)j * D, vsrc + j * vs[2], sizeof(float) * D);
     }
     const int repeats = H / KVH;
     const long rows = (long)B * H * L;
@@ -446,7 +457,7 @@ void kiapi_attention(const float *q, const float *k, const float *v, float *out,
         const int g = h / repeats;
         const float *qi = q + b * qs[0] + h * qs[1] + i * qs[2];
         const float *kt = work + ((size_t)b * KVH + g) * D * SP;
-        const float *vb = v + b * vs[0] + g * vs[1];
+        const float *vb = values + ((size_t)b * KVH + g) * S * D; /* (S, D) contiguous */
         float *o = out + b * os[0] + h * os[1] + i * os[2];
 #ifdef _OPENMP
         float *s = scores + (size_t)omp_get_thread_num() * SP;
@@ -461,6 +472,11 @@ void kiapi_attention(const float *q, const float *k, const float *v, float *out,
         }
         const size_t mask_row = ((size_t)(mask_batched ? b : 0) * L + i) * S;
         const uint8_t *kp = keep ? keep + mask_row : NULL;
+        if (r + 2 < rows) { /* the query row after next: rows lie apart in a fused product */
+            const long n = r + 2;
+            const float *next = q + (n / ((long)H * L)) * qs[0] + (n / L % H) * qs[1] + (n % L) * qs[2];
+            for (int d = 0; d < D; d += 16) __builtin_prefetch(next + d);
+        }
         float qd[D]; /* the query row, scaled */
         for (int d = 0; d < D; d++) qd[d] = qi[d] * scale;
         int j0 = 0; /* four vectors of keys at a time: four independent sums */
@@ -491,16 +507,16 @@ void kiapi_attention(const float *q, const float *k, const float *v, float *out,
         const float total = exp_row(s, s, seen, kp);
         if (total > 0) {
             if (D == 32)
-                weighted_rows(s, seen, 1.0f / total, vb, vs[2], 32, o);
+                weighted_rows(s, seen, 1.0f / total, vb, D, 32, o);
             else if (D == 64)
-                weighted_rows(s, seen, 1.0f / total, vb, vs[2], 64, o);
+                weighted_rows(s, seen, 1.0f / total, vb, D, 64, o);
             else if (D == 128)
-                weighted_rows(s, seen, 1.0f / total, vb, vs[2], 128, o);
+                weighted_rows(s, seen, 1.0f / total, vb, D, 128, o);
             else
-                weighted_rows(s, seen, 1.0f / total, vb, vs[2], D, o);
+                weighted_rows(s, seen, 1.0f / total, vb, D, D, o);
         } else { /* nothing kept: uniform over all S keys */
             for (int j = 0; j < S; j++) s[j] = 1.0f;
-            weighted_rows(s, S, 1.0f / S, vb, vs[2], D, o);
+            weighted_rows(s, S, 1.0f / S, vb, D, D, o);
         }
     }
 }

@@ -58,7 +58,7 @@ from kiapi.runtime.mlx_import import import_mlx
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=fast", "-fPIC", "-shared")
 OPENMP = "-fopenmp"
 # More rows than this: expand the matrix and run the BLAS. SmolLM2's layers here (by hand):
 # 24 rows 57 ms through the kernel, 68 expanded; 32 rows 77 against 71; 64 rows 157 against
@@ -473,7 +473,9 @@ def attention(
         c.c_void_p(mask.ctypes.data if keep else None),
         c.c_void_p(None if keep or mask is None else mask.ctypes.data),
         c.c_int(int(mask is not None and mask.shape[0] > 1)),
-        c.c_void_p(scratch("attention_keys", batch * kv_heads * dim * padded).ctypes.data),
+        c.c_void_p(  # the transposed keys, then the values, per (batch, kv head)
+            scratch("attention_work", batch * kv_heads * dim * (padded + keys)).ctypes.data
+        ),
         c.c_void_p(scratch("attention_scores", threads * padded).ctypes.data),
         c.c_int(threads),
     )  # fmt: skip
