@@ -301,14 +301,16 @@ def release_memory(padded_tokens: int) -> None:
 
 
 def release_idle_memory() -> None:
-    """Worker thread, once the queue has gone quiet: hand back all of MLX's cached buffers and
-    glibc's free heap pages, so a server at rest holds only its live memory. Between busy
-    periods the cache would otherwise keep up to ``KEPT_CACHE_BYTES`` and the heap the
-    high-water mark of the last burst (request bodies, uploads, vectors). MLX is not imported
-    for this: a server that never embedded has no MLX memory to give back."""
+    """Worker thread, once the queue has gone quiet: hand back all of MLX's cached buffers, the
+    kernel's work buffers and glibc's free heap pages, so a server at rest holds only its live
+    memory. Between busy periods the cache would otherwise keep up to ``KEPT_CACHE_BYTES``, the
+    work buffers the last large batch's intermediates, and the heap the high-water mark of the
+    last burst (request bodies, uploads, vectors). MLX is not imported for this: a server that
+    never embedded has no MLX memory to give back."""
     mx = sys.modules.get("mlx.core")
     if mx is not None:
         mx.clear_cache()
+    qmatmul.release_scratch()
     heap.trim()
 
 
@@ -528,20 +530,25 @@ class FastBert:
         # q, k and v inside the fused (B, L, 3, H, D) product; the context as (B, L, H, D)
         fused = (width * 3 * hidden, size, 3 * hidden)
         context_strides = (width * hidden, size, hidden)
+        ffn = self.layers[0]["up"].outputs
+        # each layer's intermediates in the worker's buffers, reused by every layer and batch
+        qkv = qmatmul.scratch_rows("encoder_qkv", tokens, 3 * hidden)
+        context = qmatmul.scratch_rows("encoder_context", tokens, hidden)
+        out = qmatmul.scratch_rows("encoder_out", tokens, hidden)
+        up = qmatmul.scratch_rows("encoder_up", tokens, ffn)
         for p in self.layers:
-            qkv = qmatmul.gemm_bf16(x, p["qkv"].tiles, 3 * hidden, p["qkv"].bias)
-            context = np.empty((tokens, hidden), dtype=np.float32)
+            qmatmul.gemm_bf16(x, p["qkv"].tiles, 3 * hidden, p["qkv"].bias, out=qkv)
             qmatmul.attention(
                 qkv, qkv[:, hidden:], qkv[:, 2 * hidden :], context,
                 (rows, heads, heads, width, width, size), fused * 3 + context_strides,
                 1.0, False, keep, threads,
             )  # fmt: skip
-            out = qmatmul.gemm_bf16(context, p["out"].tiles, hidden, p["out"].bias)
+            qmatmul.gemm_bf16(context, p["out"].tiles, hidden, p["out"].bias, out=out)
             qmatmul.add_layer_norm(out, x, *p["norm1"], self.eps, threads)
-            up = qmatmul.gemm_bf16(x, p["up"].tiles, p["up"].outputs, p["up"].bias)
+            qmatmul.gemm_bf16(x, p["up"].tiles, ffn, p["up"].bias, out=up)
             qmatmul.gelu_in_place(up, threads)
-            down = qmatmul.gemm_bf16(up, p["down"].tiles, hidden, p["down"].bias)
-            qmatmul.add_layer_norm(down, x, *p["norm2"], self.eps, threads)
+            qmatmul.gemm_bf16(up, p["down"].tiles, hidden, p["down"].bias, out=out)
+            qmatmul.add_layer_norm(out, x, *p["norm2"], self.eps, threads)
         return mx.array(x.reshape(rows, width, hidden))
 
     def __call__(self, input_ids, attention_mask):

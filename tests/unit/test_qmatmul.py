@@ -418,3 +418,19 @@ def test_builds_for_older_x86_compute_the_same(tmp_path, march):
     ).stdout
     assert "zmm" not in disassembly  # no AVX-512: the target CPU was the one asked for
     assert ("ymm" in disassembly) == (march == "haswell")
+
+
+def test_scratch_rows_are_reused_until_the_worker_goes_quiet():
+    """A layer's intermediates: the same memory for every batch that fits it (no fresh pages
+    to fault in), a larger one when a batch outgrows it, and none kept once quiet."""
+    from kiapi.runtime import qmatmul
+    from kiapi.runtime.mlx_engine import release_idle_memory
+
+    first = qmatmul.scratch_rows("test_rows", 4, 8)
+    assert first.shape == (4, 8) and first.flags.c_contiguous and first.dtype == np.float32
+    again = qmatmul.scratch_rows("test_rows", 2, 8)
+    assert again.shape == (2, 8) and np.shares_memory(first, again)
+    grown = qmatmul.scratch_rows("test_rows", 16, 8)
+    assert not np.shares_memory(first, grown)
+    release_idle_memory()
+    assert not np.shares_memory(grown, qmatmul.scratch_rows("test_rows", 2, 8))
