@@ -510,13 +510,13 @@ class FastBert:
         )
 
     def _encode_in_kernel(self, input_ids, attention_mask):
-        """The encoder with every matrix as bfloat16 tiles: after MLX's embeddings, each layer
-        runs on NumPy buffers through the kernel alone, on every core (the fused QKV product,
-        attention reading it in place, the output product, residual and layer norm in one
-        sweep, the up product, GELU, the down product, residual and norm). No MLX op, no BLAS
-        and no stream split between them: MLX's single-threaded element-wise ops and the
-        evaluations between kernel calls were most of a batch's time (by hand, 32 x 128-token
-        texts 474 ms -> see the README)."""
+        """The encoder with every matrix as bfloat16 tiles: after MLX's embeddings, each layer runs
+        on NumPy buffers through the kernel alone, on every core (the fused QKV product, attention
+        reading it in place with its two products on AMX tiles too, the output product, residual and
+        layer norm in one sweep, the up product, GELU, the down product, residual and norm), into
+        the worker's reused buffers. No MLX op, no BLAS and no stream split between them: MLX's
+        single-threaded element-wise ops and the evaluations between kernel calls were most of a
+        batch's time (by hand, 32 x 128-token texts 474 ms -> see the README)."""
         mx = import_mlx()
         rows, width = input_ids.shape
         heads, size = self.heads, self.head_size
@@ -541,7 +541,7 @@ class FastBert:
             qmatmul.attention(
                 qkv, qkv[:, hidden:], qkv[:, 2 * hidden :], context,
                 (rows, heads, heads, width, width, size), fused * 3 + context_strides,
-                1.0, False, keep, threads,
+                1.0, False, keep, threads, bf16=True,
             )  # fmt: skip
             qmatmul.gemm_bf16(context, p["out"].tiles, hidden, p["out"].bias, out=out)
             qmatmul.add_layer_norm(out, x, *p["norm1"], self.eps, threads)

@@ -765,3 +765,178 @@ int kiapi_gemm_bf16(const float *x, int M, int K, const uint16_t *w, int N, cons
     return -1;
 #endif
 }
+
+#ifdef KIAPI_AMX
+/* 32 floats (times `scale`) as 32 bfloat16 in order, rounded to nearest even, at out. */
+static inline __attribute__((always_inline)) void bf16_32(const float *x, float scale,
+                                                          uint16_t *out) {
+#if defined(__AVX512BF16__)
+    const __m512 f = _mm512_set1_ps(scale);
+    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + 16), f),
+                                           _mm512_mul_ps(_mm512_loadu_ps(x), f));
+    _mm512_storeu_si512(out, (__m512i)h);
+#else
+    for (int i = 0; i < 32; i++) out[i] = to_bf16(x[i] * scale);
+#endif
+}
+
+/* Two rows of 16 floats as 16 bfloat16 pairs (a[0], b[0], a[1], b[1], ...) at out: two keys'
+ * values as a tile's row of p v reads them. */
+static inline __attribute__((always_inline)) void bf16_pairs(const float *a, const float *b,
+                                                             uint16_t *out) {
+#if defined(__AVX512BF16__)
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b), _mm512_loadu_ps(a));
+    const __m512i order = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(order, both));
+#else
+    for (int n = 0; n < 16; n++) {
+        out[2 * n] = to_bf16(a[n]);
+        out[2 * n + 1] = to_bf16(b[n]);
+    }
+#endif
+}
+#endif
+
+/* Attention as kiapi_attention computes it (the same arguments, layouts and masks), with both
+ * products on AMX tiles: q k^T from q (scaled) and k rounded to bfloat16, then the softmax in
+ * float32 as there, then p v from the unnormalized p = exp(score - max) and v rounded to
+ * bfloat16, divided by the row's sum at the end; sums in float32. D must be a multiple of 32.
+ * `work` holds B * KVH * 2 * D * SP bfloat16 values (SP = S rounded up to 32): k and v laid out
+ * as the tiles read them; `scores` threads * 16 * SP * 2 floats (each thread's 16 rows of
+ * scores, then the same rows of p as tiles). Query rows go 16 at a time (a tile's rows) per
+ * (batch, head), split over threads. Returns -1 (and computes nothing) without AMX. */
+int kiapi_attention_bf16(const float *q, const float *k, const float *v, float *out, int B, int H,
+                         int KVH, int L, int S, int D, const long *strides, float scale,
+                         int causal, const uint8_t *keep, const float *add, int mask_batched,
+                         uint16_t *work, float *scores, int threads) {
+    if (!kiapi_bf16_ready() || D % 32 || D > 256) return -1;
+#ifdef KIAPI_AMX
+    const long *qs = strides, *ks = strides + 3, *vs = strides + 6, *os = strides + 9;
+    const int SP = (S + 31) / 32 * 32;
+    /* per (b, g), D * SP values each:
+     * k for q k^T, 16 keys by 32 dims a tile: kt[(db * SP/16 + jb) * 512 + p * 32 + 2 n + e]
+     *   = k[16 jb + n][32 db + 2 p + e];
+     * v for p v, 32 keys by 16 dims a tile: vt[(kb * D/16 + ob) * 512 + p * 32 + 2 n + e]
+     *   = v[32 kb + 2 p + e][16 ob + n]; zeros past S. */
+    uint16_t *k_tiles = work, *v_tiles = work + (size_t)B * KVH * D * SP;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int bg = 0; bg < B * KVH; bg++) {
+        const float *kb_src = k + (bg / KVH) * ks[0] + (bg % KVH) * ks[1];
+        const float *vb_src = v + (bg / KVH) * vs[0] + (bg % KVH) * vs[1];
+        uint16_t *kt = k_tiles + (size_t)bg * D * SP, *vt = v_tiles + (size_t)bg * D * SP;
+        static const float zero_row[256];
+        for (int j = 0; j < SP; j++) { /* k: key j's dims in pairs, 16 keys to a tile row */
+            const float *kr = j < S ? kb_src + j * ks[2] : zero_row;
+            for (int db = 0; db < D / 32; db++) {
+                uint16_t pairs[32] __attribute__((aligned(64)));
+                bf16_32(kr + db * 32, 1.0f, pairs);
+                uint32_t *tile = (uint32_t *)(kt + ((size_t)db * (SP / 16) + j / 16) * 512);
+                for (int p = 0; p < 16; p++) memcpy(tile + p * 16 + j % 16, pairs + 2 * p, 4);
+            }
+        }
+        for (int j = 0; j < SP; j += 2) { /* v: keys j and j + 1 interleaved, 16 dims a tile */
+            const float *a = j < S ? vb_src + j * vs[2] : zero_row;
+            const float *b = j + 1 < S ? vb_src + (j + 1) * vs[2] : zero_row;
+            for (int ob = 0; ob < D / 16; ob++)
+                bf16_pairs(a + ob * 16, b + ob * 16,
+                           vt + ((size_t)(j / 32) * (D / 16) + ob) * 512 + (j % 32) / 2 * 32);
+        }
+    }
+    const int repeats = H / KVH, QB = (L + 15) / 16;
+    const long blocks = (long)B * H * QB;
+#pragma omp parallel num_threads(threads)
+    {
+        int me = 0;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+#endif
+        struct tile_config config;
+        memset(&config, 0, sizeof(config));
+        config.palette = 1;
+        for (int t = 0; t < 8; t++) {
+            config.rows[t] = 16;
+            config.bytes_per_row[t] = 64;
+        }
+        _tile_loadconfig(&config);
+        float *sc = scores + (size_t)me * 16 * SP * 2;   /* 16 rows of SP scores */
+        uint16_t *pt = (uint16_t *)(sc + (size_t)16 * SP); /* the rows' p, 16 x 32 a tile */
+        uint16_t qt[8 * 512] __attribute__((aligned(64))); /* the rows' q, 16 x 32 a tile */
+        float o[16 * 256] __attribute__((aligned(64)));
+        float inverse[16];
+#pragma omp for schedule(static)
+        for (long blk = 0; blk < blocks; blk++) {
+            const int b = (int)(blk / ((long)H * QB)), h = (int)(blk / QB % H);
+            const int i0 = (int)(blk % QB) * 16, rows = L - i0 < 16 ? L - i0 : 16;
+            const int g = h / repeats;
+            const uint16_t *kt = k_tiles + ((size_t)b * KVH + g) * D * SP;
+            const uint16_t *vt = v_tiles + ((size_t)b * KVH + g) * D * SP;
+            for (int r = 0; r < 16; r++) {
+                const float *qi = q + b * qs[0] + h * qs[1] + (long)(i0 + r) * qs[2];
+                for (int db = 0; db < D / 32; db++)
+                    if (r < rows)
+                        bf16_32(qi + db * 32, scale, qt + db * 512 + r * 32);
+                    else
+                        memset(qt + db * 512 + r * 32, 0, 64);
+            }
+            for (int jb = 0; jb < SP / 16; jb++) { /* scores, 16 keys at a time */
+                _tile_zero(0);
+                for (int db = 0; db < D / 32; db++) {
+                    _tile_loadd(1, qt + db * 512, 64);
+                    _tile_loadd(2, kt + ((size_t)db * (SP / 16) + jb) * 512, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, sc + jb * 16, (long)SP * 4);
+            }
+            for (int r = 0; r < 16; r++) { /* softmax numerators, then p as tiles */
+                float *s = sc + (size_t)r * SP;
+                const int i = i0 + r;
+                int seen = S;
+                if (causal) {
+                    seen = S - L + i + 1;
+                    if (seen > S) seen = S;
+                    if (seen < 0) seen = 0;
+                }
+                float total = 0.0f;
+                if (r < rows) {
+                    const size_t mask_row = ((size_t)(mask_batched ? b : 0) * L + i) * S;
+                    if (add)
+                        for (int j = 0; j < seen; j++) s[j] += add[mask_row + j];
+                    total = exp_row(s, s, seen, keep ? keep + mask_row : NULL);
+                    if (total <= 0) { /* nothing kept: uniform over all S keys */
+                        for (int j = 0; j < S; j++) s[j] = 1.0f;
+                        seen = S;
+                        total = (float)S;
+                    }
+                } else {
+                    seen = 0;
+                }
+                inverse[r] = total > 0 ? 1.0f / total : 0.0f;
+                for (int j = seen; j < SP; j++) s[j] = 0.0f;
+                for (int kb = 0; kb < SP / 32; kb++) bf16_32(s + kb * 32, 1.0f, pt + kb * 512 + r * 32);
+            }
+            for (int ob = 0; ob < D / 16; ob++) { /* p v, 16 dims at a time */
+                _tile_zero(0);
+                for (int kb = 0; kb < SP / 32; kb++) {
+                    _tile_loadd(1, pt + kb * 512, 64);
+                    _tile_loadd(2, vt + ((size_t)kb * (D / 16) + ob) * 512, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, o + ob * 16, (long)D * 4);
+            }
+            for (int r = 0; r < rows; r++) {
+                float *dst = out + b * os[0] + h * os[1] + (long)(i0 + r) * os[2];
+                for (int d = 0; d < D; d++) dst[d] = o[r * D + d] * inverse[r];
+            }
+        }
+        _tile_release();
+    }
+    return 0;
+#else
+    (void)q, (void)k, (void)v, (void)out, (void)B, (void)H, (void)KVH, (void)L, (void)S, (void)D;
+    (void)strides, (void)scale, (void)causal, (void)keep, (void)add, (void)mask_batched;
+    (void)work, (void)scores, (void)threads;
+    return -1;
+#endif
+}

@@ -194,6 +194,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_attention.argtypes = [pointer] * 4 + [number] * 6 + [pointer, ctypes.c_float]
     lib.kiapi_attention.argtypes += [number, pointer, pointer, number, pointer, pointer, number]
     lib.kiapi_attention.restype = None
+    lib.kiapi_attention_bf16.argtypes = lib.kiapi_attention.argtypes
+    lib.kiapi_attention_bf16.restype = ctypes.c_int
     lib.kiapi_add_layer_norm.argtypes = [pointer, pointer, number, number, pointer, pointer]
     lib.kiapi_add_layer_norm.argtypes += [ctypes.c_float, number]
     lib.kiapi_add_layer_norm.restype = None
@@ -476,23 +478,36 @@ def softmax_in_place(scores: Any, threads: int) -> None:
 
 def attention(
     q: Any, k: Any, v: Any, out: Any, sizes: tuple[int, ...], strides: Sequence[int],
-    scale: float, causal: bool, mask: Any, threads: int,
+    scale: float, causal: bool, mask: Any, threads: int, bf16: bool = False,
 ) -> None:  # fmt: skip
     """``kiapi_attention`` over NumPy float32 views (see ``qmatmul.c``): ``sizes`` is (batch,
     heads, kv heads, queries, keys, head size); ``strides`` the 12 element strides of q, k, v
     and out; ``mask`` None or a C-contiguous (batch or 1, queries, keys) array, uint8 (nonzero:
-    attend) or float32 (added to the scores)."""
+    attend) or float32 (added to the scores). With ``bf16`` (the caller's products are
+    bfloat16 already, :func:`bf16_products`) and a head size that is a multiple of 32, both
+    products run on AMX tiles (``kiapi_attention_bf16``); otherwise in float32."""
     batch, heads, kv_heads, length, keys, dim = sizes
-    padded = -(-keys // 16) * 16  # keys rounded up to the kernel's widest vector
     strides_c = (ctypes.c_long * 12)(*strides)
     keep = mask is not None and mask.dtype == "uint8"
     c = ctypes
-    kernel().kiapi_attention(
+    args = (
         *(c.c_void_p(a.ctypes.data) for a in (q, k, v, out)),
         *(c.c_int(n) for n in sizes), strides_c, c.c_float(scale), c.c_int(int(causal)),
         c.c_void_p(mask.ctypes.data if keep else None),
         c.c_void_p(None if keep or mask is None else mask.ctypes.data),
         c.c_int(int(mask is not None and mask.shape[0] > 1)),
+    )  # fmt: skip
+    if bf16 and dim % 32 == 0 and dim <= 256:
+        padded = -(-keys // 32) * 32  # keys rounded up to a tile's 32
+        tiles = scratch("attention_tiles", 2 * batch * kv_heads * dim * padded, "uint16")
+        rows = scratch("attention_rows", threads * 16 * padded * 2)
+        if not kernel().kiapi_attention_bf16(
+            *args, c.c_void_p(tiles.ctypes.data), c.c_void_p(rows.ctypes.data), c.c_int(threads)
+        ):
+            return
+    padded = -(-keys // 16) * 16  # keys rounded up to the kernel's widest vector
+    kernel().kiapi_attention(
+        *args,
         c.c_void_p(  # the transposed keys, then the values, per (batch, kv head)
             scratch("attention_work", batch * kv_heads * dim * (padded + keys)).ctypes.data
         ),

@@ -17,9 +17,10 @@ of 8 prompts. On the Q4_1 file llama.cpp multiplies with activations quantized t
 France."): 0 of 8 equal here (3 of 8 with the AVX2 build on AMD Zen), and at each first
 divergence the NumPy reference picks kiapi's token, or its two best logits are within 0.1.
 
-With bfloat16 products over prompt positions (AMX tiles; ``packed-bfloat16``), measured on the
-Xeon: logits within 0.23-0.33 of the reference at its 8 best tokens, top-1 equal at all but 2
-of 406 positions, each a near tie in the reference itself (its two best 0.026 and 0.06 apart),
+With bfloat16 products over prompt positions (AMX tiles; ``packed-bfloat16``: the matrices'
+products and both of attention's), measured on the Xeon: logits within 0.35 of the reference
+at its 8 best tokens (0.23-0.33 with attention in float32), top-1 equal at all but 3 of 406
+positions, each a near tie in the reference itself (its two best 0.06, 0.018 and 0.008 apart),
 and 16 greedy tokens equal to llama.cpp's on the float32 file for 8 of 8 prompts."""
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = json.loads((ROOT / "tests/fixtures/smollm2_reference.json").read_text())
 MAX_LOGIT_DIFF = 1e-3  # measured 1e-4: the same float32 weights, summed in another order
-MAX_BF16_LOGIT_DIFF = 0.5  # prompt positions' products in bfloat16: measured 0.23-0.33
+MAX_BF16_LOGIT_DIFF = 0.5  # prompt positions' products in bfloat16: measured 0.28-0.35
 NEAR_TIE = 0.1
 
 

@@ -434,3 +434,66 @@ def test_scratch_rows_are_reused_until_the_worker_goes_quiet():
     assert not np.shares_memory(first, grown)
     release_idle_memory()
     assert not np.shares_memory(grown, qmatmul.scratch_rows("test_rows", 2, 8))
+
+
+def numpy_bf16_attention(q, k, v, scale, keep, causal):
+    """kiapi_attention_bf16's arithmetic in NumPy: q (scaled) and k rounded to bfloat16, the
+    scores' masked softmax numerators rounded to bfloat16 against v rounded, divided by their
+    unrounded sum; a row that keeps nothing averages all values. (B, H, L, D) queries against
+    (B, KVH, S, D) keys and values; ``keep`` (B, L, S) booleans or None."""
+    batch, heads, length, _ = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    out = np.zeros(q.shape)
+    for b in range(batch):
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            scores = bf16_rounded(q[b, h] * np.float32(scale)).astype(np.float64)
+            scores = scores @ bf16_rounded(k[b, g]).astype(np.float64).T
+            allowed = np.ones((length, keys), bool) if keep is None else keep[b].astype(bool)
+            if causal:
+                allowed &= np.arange(keys)[None, :] <= np.arange(length)[:, None] + keys - length
+            for i in range(length):
+                if not allowed[i].any():
+                    out[b, h, i] = v[b, g].mean(axis=0)
+                    continue
+                p = np.where(allowed[i], np.exp(scores[i] - scores[i][allowed[i]].max()), 0.0)
+                rounded = bf16_rounded(p.astype(np.float32)).astype(np.float64)
+                out[b, h, i] = rounded @ bf16_rounded(v[b, g]).astype(np.float64) / p.sum()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "length", "keys", "dim", "causal", "masked"),
+    [
+        (2, 4, 4, 20, 20, 32, False, False),  # MiniLM's shape, rows not a tile's 16
+        (3, 4, 4, 33, 33, 32, False, True),  # padding masks, a row that keeps nothing
+        (2, 6, 2, 17, 40, 64, True, False),  # grouped heads, a prompt chunk after a cache
+        (1, 2, 1, 5, 100, 128, True, False),  # keys not a multiple of 32
+    ],
+)
+def test_bf16_attention_agrees_with_numpy_on_rounded_values(
+    mx, bf16, batch, heads, kv_heads, length, keys, dim, causal, masked
+):
+    """Both of attention's products on AMX tiles: the same result as NumPy doing the same
+    rounding (up to float32 sums and kiapi's exp), so the tiles' layouts are right; and within
+    bfloat16's precision of the float32 kernel."""
+    from kiapi.runtime import qmatmul
+
+    rng = np.random.default_rng(length)
+    q = rng.standard_normal((batch, heads, length, dim)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, kv_heads, keys, dim)).astype(np.float32) for _ in "kv")
+    keep = None
+    if masked:
+        keep = (rng.random((batch, length, keys)) > 0.3).astype(np.uint8)
+        keep[1, 4] = 0
+    strides = (heads * length * dim, length * dim, dim)
+    strides += (kv_heads * keys * dim, keys * dim, dim) * 2 + strides
+    sizes = (batch, heads, kv_heads, length, keys, dim)
+    outs = []
+    for rounded in (True, False):
+        out = np.zeros_like(q)
+        qmatmul.attention(q, k, v, out, sizes, strides, 0.3, causal, keep, 2, bf16=rounded)
+        outs.append(out)
+    expected = numpy_bf16_attention(q, k, v, 0.3, keep, causal)
+    assert np.abs(outs[0] - expected).max() < 2e-3
+    assert np.abs(outs[0] - outs[1]).max() < 0.05 < np.abs(expected).max()
