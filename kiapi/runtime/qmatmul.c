@@ -391,7 +391,8 @@ static inline __attribute__((always_inline)) void weighted_rows(
         for (; j + K <= seen; j += K)
             for (int k = 0; k < K; k++) {
                 const float p = s[j + k];
-                for (int c = 0; c < C; c++) acc[k][c] += p * loadv(v + (j + k) * stride + c * LANES);
+                for (int c = 0; c < C; c++)
+                    acc[k][c] += p * loadv(v + (j + k) * stride + c * LANES);
             }
         for (; j < seen; j++)
             for (int c = 0; c < C; c++) acc[0][c] += s[j] * loadv(v + j * stride + c * LANES);
@@ -474,7 +475,8 @@ void kiapi_attention(const float *q, const float *k, const float *v, float *out,
         const uint8_t *kp = keep ? keep + mask_row : NULL;
         if (r + 2 < rows) { /* the query row after next: rows lie apart in a fused product */
             const long n = r + 2;
-            const float *next = q + (n / ((long)H * L)) * qs[0] + (n / L % H) * qs[1] + (n % L) * qs[2];
+            const float *next =
+                q + (n / ((long)H * L)) * qs[0] + (n / L % H) * qs[1] + (n % L) * qs[2];
             for (int d = 0; d < D; d += 16) __builtin_prefetch(next + d);
         }
         float qd[D]; /* the query row, scaled */
@@ -664,6 +666,37 @@ struct tile_config {
     uint8_t rows[16];
 };
 
+/* 32 floats (times `scale`) as 32 bfloat16 in order, rounded to nearest even, at out. */
+static inline __attribute__((always_inline)) void bf16_32(const float *x, float scale,
+                                                          uint16_t *out) {
+#if defined(__AVX512BF16__)
+    const __m512 f = _mm512_set1_ps(scale);
+    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + 16), f),
+                                           _mm512_mul_ps(_mm512_loadu_ps(x), f));
+    _mm512_storeu_si512(out, (__m512i)h);
+#else
+    for (int i = 0; i < 32; i++) out[i] = to_bf16(x[i] * scale);
+#endif
+}
+
+/* Two rows of 16 floats as 16 bfloat16 pairs (a[0], b[0], a[1], b[1], ...) at out: two keys'
+ * values as a tile's row of p v reads them. */
+static inline __attribute__((always_inline)) void bf16_pairs(const float *a, const float *b,
+                                                             uint16_t *out) {
+#if defined(__AVX512BF16__)
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b), _mm512_loadu_ps(a));
+    const __m512i order = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(order, both));
+#else
+    for (int n = 0; n < 16; n++) {
+        out[2 * n] = to_bf16(a[n]);
+        out[2 * n + 1] = to_bf16(b[n]);
+    }
+#endif
+}
+
 /* A 32 x 32 block of y: rows m0 .. m0 + 31, outputs 32 cb .. 32 cb + 31. x comes as tiles
  * (kiapi_gemm_bf16's `work`), the weights packed; tiles 0-3 sum (starting from the bias, a
  * row read 16 times), 4-5 hold x, 6-7 the weights. A block with rows past M is stored aside
@@ -707,10 +740,10 @@ static inline void block_32x32(const uint16_t *xt, int M, int K, const uint16_t 
 #endif
 
 /* y (M, N) = x (M, K) times the packed (N, K) matrix, transposed, plus `bias` (N; or NULL).
- * `work` holds ((M + 31) / 32 * 32) * K bfloat16 values (x, rounded, padded and tiled). Threads split
- * the rows of y when there are enough of them (each thread then reads every weight tile), else
- * the outputs; a thread walks its rows 128 at a time (x's block stays in its L2 cache) against
- * all its outputs. */
+ * `work` holds ((M + 31) / 32 * 32) * K bfloat16 values (x, rounded, padded and tiled).
+ * Threads split the rows of y when there are enough of them (each thread then reads every
+ * weight tile), else the outputs; a thread walks its rows 128 at a time (x's block stays in
+ * its L2 cache) against all its outputs. */
 int kiapi_gemm_bf16(const float *x, int M, int K, const uint16_t *w, int N, const float *bias,
                     float *y, uint16_t *work, int threads) {
     if (!kiapi_bf16_ready()) return -1; /* no AMX, or Linux refused it: tiles would fault */
@@ -723,8 +756,10 @@ int kiapi_gemm_bf16(const float *x, int M, int K, const uint16_t *w, int N, cons
         uint16_t *dst = work + (size_t)(m / 16) * 16 * K + (m % 16) * 32;
         const float *src = x + (size_t)m * K;
         for (int kb = 0; kb < blocks; kb++)
-            for (int k = 0; k < 32; k++)
-                dst[(size_t)kb * 512 + k] = m < M ? to_bf16(src[kb * 32 + k]) : 0;
+            if (m < M)
+                bf16_32(src + kb * 32, 1.0f, dst + (size_t)kb * 512);
+            else
+                memset(dst + (size_t)kb * 512, 0, 64);
     }
     static const float zeros[16] __attribute__((aligned(64)));
     const int row_blocks = padded / 32, column_blocks = N / 32;
@@ -765,39 +800,6 @@ int kiapi_gemm_bf16(const float *x, int M, int K, const uint16_t *w, int N, cons
     return -1;
 #endif
 }
-
-#ifdef KIAPI_AMX
-/* 32 floats (times `scale`) as 32 bfloat16 in order, rounded to nearest even, at out. */
-static inline __attribute__((always_inline)) void bf16_32(const float *x, float scale,
-                                                          uint16_t *out) {
-#if defined(__AVX512BF16__)
-    const __m512 f = _mm512_set1_ps(scale);
-    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + 16), f),
-                                           _mm512_mul_ps(_mm512_loadu_ps(x), f));
-    _mm512_storeu_si512(out, (__m512i)h);
-#else
-    for (int i = 0; i < 32; i++) out[i] = to_bf16(x[i] * scale);
-#endif
-}
-
-/* Two rows of 16 floats as 16 bfloat16 pairs (a[0], b[0], a[1], b[1], ...) at out: two keys'
- * values as a tile's row of p v reads them. */
-static inline __attribute__((always_inline)) void bf16_pairs(const float *a, const float *b,
-                                                             uint16_t *out) {
-#if defined(__AVX512BF16__)
-    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(b), _mm512_loadu_ps(a));
-    const __m512i order = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    _mm512_storeu_si512(out, _mm512_permutexvar_epi16(order, both));
-#else
-    for (int n = 0; n < 16; n++) {
-        out[2 * n] = to_bf16(a[n]);
-        out[2 * n + 1] = to_bf16(b[n]);
-    }
-#endif
-}
-#endif
 
 /* Attention as kiapi_attention computes it (the same arguments, layouts and masks), with both
  * products on AMX tiles: q k^T from q (scaled) and k rounded to bfloat16, then the softmax in
@@ -914,7 +916,8 @@ int kiapi_attention_bf16(const float *q, const float *k, const float *v, float *
                 }
                 inverse[r] = total > 0 ? 1.0f / total : 0.0f;
                 for (int j = seen; j < SP; j++) s[j] = 0.0f;
-                for (int kb = 0; kb < SP / 32; kb++) bf16_32(s + kb * 32, 1.0f, pt + kb * 512 + r * 32);
+                for (int kb = 0; kb < SP / 32; kb++)
+                    bf16_32(s + kb * 32, 1.0f, pt + kb * 512 + r * 32);
             }
             for (int ob = 0; ob < D / 16; ob++) { /* p v, 16 dims at a time */
                 _tile_zero(0);
