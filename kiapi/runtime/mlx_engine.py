@@ -512,11 +512,12 @@ class FastBert:
     def _encode_in_kernel(self, input_ids, attention_mask):
         """The encoder with every matrix as bfloat16 tiles: after MLX's embeddings, each layer runs
         on NumPy buffers through the kernel alone, on every core (the fused QKV product, attention
-        reading it in place with its two products on AMX tiles too, the output product, residual and
-        layer norm in one sweep, the up product, GELU, the down product, residual and norm), into
-        the worker's reused buffers. No MLX op, no BLAS and no stream split between them: MLX's
-        single-threaded element-wise ops and the evaluations between kernel calls were most of a
-        batch's time (by hand, 32 x 128-token texts 474 ms -> see the README)."""
+        reading it in place with its two products on AMX tiles too, the output product, residual
+        and layer norm in one sweep, the up product, the down product reading GELU of it as it
+        rounds it, residual and norm), into the worker's reused buffers. No MLX op, no BLAS and no
+        stream split between them: MLX's single-threaded element-wise ops and the evaluations
+        between kernel calls were most of a batch's time (by hand, 32 x 128-token texts 474 ms ->
+        see the README)."""
         mx = import_mlx()
         rows, width = input_ids.shape
         heads, size = self.heads, self.head_size
@@ -546,8 +547,7 @@ class FastBert:
             qmatmul.gemm_bf16(context, p["out"].tiles, hidden, p["out"].bias, out=out)
             qmatmul.add_layer_norm(out, x, *p["norm1"], self.eps, threads)
             qmatmul.gemm_bf16(x, p["up"].tiles, ffn, p["up"].bias, out=up)
-            qmatmul.gelu_in_place(up, threads)
-            qmatmul.gemm_bf16(up, p["down"].tiles, hidden, p["down"].bias, out=out)
+            qmatmul.gemm_bf16(up, p["down"].tiles, hidden, p["down"].bias, out=out, gelu_x=True)
             qmatmul.add_layer_norm(out, x, *p["norm2"], self.eps, threads)
         return mx.array(x.reshape(rows, width, hidden))
 

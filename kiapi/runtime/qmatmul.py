@@ -206,7 +206,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_dequantize_bf16.argtypes += [pointer, pointer, number]
     lib.kiapi_dequantize_bf16.restype = None
     lib.kiapi_gemm_bf16.argtypes = [pointer, number, number, pointer, number, pointer]
-    lib.kiapi_gemm_bf16.argtypes += [pointer, pointer, number]
+    lib.kiapi_gemm_bf16.argtypes += [number, pointer, pointer, number]
     lib.kiapi_gemm_bf16.restype = ctypes.c_int
     return lib
 
@@ -242,10 +242,13 @@ def bf16_shape(outputs: int, inputs: int) -> bool:
     return outputs % 32 == 0 and inputs % 32 == 0
 
 
-def gemm_bf16(x_view: Any, tiles: Any, outputs: int, bias: Any = None, out: Any = None) -> Any:
+def gemm_bf16(
+    x_view: Any, tiles: Any, outputs: int, bias: Any = None, out: Any = None, gelu_x: bool = False
+) -> Any:
     """``x @ W.T (+ bias)`` in bfloat16 for a C-contiguous float32 NumPy ``x`` (rows, inputs)
     and ``W`` packed as AMX tiles (``tiles``, uint16), on every core: written into ``out`` (a
-    C-contiguous float32 NumPy (rows, outputs)) or a new NumPy array, returned."""
+    C-contiguous float32 NumPy (rows, outputs)) or a new NumPy array, returned. ``gelu_x``:
+    ``GELU(x) @ W.T`` (exact erf GELU, applied as x is rounded; x itself is not changed)."""
     import numpy as np
 
     rows, inputs = x_view.shape
@@ -256,8 +259,8 @@ def gemm_bf16(x_view: Any, tiles: Any, outputs: int, bias: Any = None, out: Any 
     failed = kernel().kiapi_gemm_bf16(
         c.c_void_p(x_view.ctypes.data), c.c_int(rows), c.c_int(inputs),
         c.c_void_p(tiles.ctypes.data), c.c_int(outputs),
-        c.c_void_p(None if bias is None else bias.ctypes.data), c.c_void_p(out.ctypes.data),
-        c.c_void_p(work.ctypes.data), c.c_int(cpu_threads()),
+        c.c_void_p(None if bias is None else bias.ctypes.data), c.c_int(int(gelu_x)),
+        c.c_void_p(out.ctypes.data), c.c_void_p(work.ctypes.data), c.c_int(cpu_threads()),
     )  # fmt: skip
     if failed:
         raise RuntimeError("bfloat16 products need AMX, which this CPU or kernel does not give")

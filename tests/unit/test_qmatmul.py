@@ -6,6 +6,8 @@ one stacked matrix, a tied head) compute what the float32 layers compute."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -104,6 +106,15 @@ def test_bf16_products_agree_with_numpy_on_rounded_values(mx, bf16, rows, with_b
     assert (np.abs(ours - expected) <= 1e-6 * scale + 1e-6).all()
     # and not the float32 product: the rounding is really there
     assert np.abs(ours - (x.astype(np.float64) @ w.T + (0 if b is None else b))).max() > 1e-3
+    # an MLP's down product: GELU(x), rounded, times W; x itself unchanged
+    before = x.copy()
+    activated = gemm_bf16(x, linear.tiles, 64, linear.bias, gelu_x=True)
+    gelu = bf16_rounded(x * 0.5 * (1 + np.vectorize(math.erf)(x.astype(np.float64) / math.sqrt(2))))
+    expected = gelu @ bf16_rounded(w).T + (0 if b is None else b)
+    assert (x == before).all()
+    # (measured up to 5e-4 of values up to 29: the polynomial erf may round a value the other way)
+    assert np.abs(activated - expected).max() <= 2e-3 * max(1.0, np.abs(expected).max())
+    assert np.abs(activated - ours).max() > 0.1
 
 
 @pytest.mark.parametrize("bits", [4, 8])
