@@ -714,13 +714,13 @@ static inline void block_32x32(const uint16_t *xt, int M, int K, const uint16_t 
     _tile_loadd(1, c1, 0);
     _tile_loadd(2, c0, 0);
     _tile_loadd(3, c1, 0);
-    for (int kb = 0; kb < blocks; kb++) {
+    for (int kb = 0; kb < blocks; kb++) { /* each load as late as it can be: loads overlap */
         _tile_loadd(4, a0 + (size_t)kb * 512, 64);
-        _tile_loadd(5, a1 + (size_t)kb * 512, 64);
         _tile_loadd(6, b0 + (size_t)kb * 512, 64);
-        _tile_loadd(7, b1 + (size_t)kb * 512, 64);
         _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, b1 + (size_t)kb * 512, 64);
         _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, a1 + (size_t)kb * 512, 64);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
