@@ -669,6 +669,18 @@ struct tile_config {
     uint8_t rows[16];
 };
 
+/* This thread's tiles: all 8 as 16 rows of 64 bytes (16 x 32 bfloat16 or 16 x 16 float32). */
+static inline void load_tile_config(void) {
+    struct tile_config config;
+    memset(&config, 0, sizeof(config));
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
 /* 32 floats (times `scale`) as 32 bfloat16 in order, rounded to nearest even, at out. */
 static inline __attribute__((always_inline)) void bf16_32(const float *x, float scale,
                                                           uint16_t *out) {
@@ -781,14 +793,7 @@ int kiapi_gemm_bf16(const float *x, int M, int K, const uint16_t *w, int N, cons
         team = omp_get_num_threads();
         me = omp_get_thread_num();
 #endif
-        struct tile_config config;
-        memset(&config, 0, sizeof(config));
-        config.palette = 1;
-        for (int t = 0; t < 8; t++) {
-            config.rows[t] = 16;
-            config.bytes_per_row[t] = 64;
-        }
-        _tile_loadconfig(&config);
+        load_tile_config();
         int r0 = 0, r1 = row_blocks, c0 = 0, c1 = column_blocks;
         if (row_blocks >= team) {
             r0 = row_blocks * me / team;
@@ -812,6 +817,21 @@ int kiapi_gemm_bf16(const float *x, int M, int K, const uint16_t *w, int N, cons
     return -1;
 #endif
 }
+
+#ifdef KIAPI_AMX
+/* dst (16 x 16 float32, rows `stride` bytes apart) = the sum over `steps` of the bfloat16
+ * tiles a + i a_step times b + i b_step (tile 0 sums, 1 and 2 read). */
+static inline void tile_products(const uint16_t *a, size_t a_step, const uint16_t *b,
+                                 size_t b_step, int steps, float *dst, long stride) {
+    _tile_zero(0);
+    for (int i = 0; i < steps; i++) {
+        _tile_loadd(1, a + i * a_step, 64);
+        _tile_loadd(2, b + i * b_step, 64);
+        _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, dst, stride);
+}
+#endif
 
 /* Attention as kiapi_attention computes it (the same arguments, layouts and masks), with both
  * products on AMX tiles: q k^T from q (scaled) and k rounded to bfloat16, then the softmax in
@@ -866,14 +886,7 @@ int kiapi_attention_bf16(const float *q, const float *k, const float *v, float *
 #ifdef _OPENMP
         me = omp_get_thread_num();
 #endif
-        struct tile_config config;
-        memset(&config, 0, sizeof(config));
-        config.palette = 1;
-        for (int t = 0; t < 8; t++) {
-            config.rows[t] = 16;
-            config.bytes_per_row[t] = 64;
-        }
-        _tile_loadconfig(&config);
+        load_tile_config();
         float *sc = scores + (size_t)me * 16 * SP * 2;   /* 16 rows of SP scores */
         uint16_t *pt = (uint16_t *)(sc + (size_t)16 * SP); /* the rows' p, 16 x 32 a tile */
         uint16_t qt[8 * 512] __attribute__((aligned(64))); /* the rows' q, 16 x 32 a tile */
@@ -894,15 +907,9 @@ int kiapi_attention_bf16(const float *q, const float *k, const float *v, float *
                     else
                         memset(qt + db * 512 + r * 32, 0, 64);
             }
-            for (int jb = 0; jb < SP / 16; jb++) { /* scores, 16 keys at a time */
-                _tile_zero(0);
-                for (int db = 0; db < D / 32; db++) {
-                    _tile_loadd(1, qt + db * 512, 64);
-                    _tile_loadd(2, kt + ((size_t)db * (SP / 16) + jb) * 512, 64);
-                    _tile_dpbf16ps(0, 1, 2);
-                }
-                _tile_stored(0, sc + jb * 16, (long)SP * 4);
-            }
+            for (int jb = 0; jb < SP / 16; jb++) /* scores, 16 keys at a time */
+                tile_products(qt, 512, kt + (size_t)jb * 512, (size_t)SP / 16 * 512, D / 32,
+                              sc + jb * 16, (long)SP * 4);
             for (int r = 0; r < 16; r++) { /* softmax numerators, then p as tiles */
                 float *s = sc + (size_t)r * SP;
                 const int i = i0 + r;
@@ -931,15 +938,9 @@ int kiapi_attention_bf16(const float *q, const float *k, const float *v, float *
                 for (int kb = 0; kb < SP / 32; kb++)
                     bf16_32(s + kb * 32, 1.0f, pt + kb * 512 + r * 32);
             }
-            for (int ob = 0; ob < D / 16; ob++) { /* p v, 16 dims at a time */
-                _tile_zero(0);
-                for (int kb = 0; kb < SP / 32; kb++) {
-                    _tile_loadd(1, pt + kb * 512, 64);
-                    _tile_loadd(2, vt + ((size_t)kb * (D / 16) + ob) * 512, 64);
-                    _tile_dpbf16ps(0, 1, 2);
-                }
-                _tile_stored(0, o + ob * 16, (long)D * 4);
-            }
+            for (int ob = 0; ob < D / 16; ob++) /* p v, 16 dims at a time */
+                tile_products(pt, 512, vt + (size_t)ob * 512, (size_t)D / 16 * 512, SP / 32,
+                              o + ob * 16, (long)D * 4);
             for (int r = 0; r < rows; r++) {
                 float *dst = out + b * os[0] + h * os[1] + (long)(i0 + r) * os[2];
                 for (int d = 0; d < D; d++) dst[d] = o[r * D + d] * inverse[r];
