@@ -9,8 +9,9 @@ in the MLP's SiLU: 0.4 s of a 0.7 s prefill, against ~0.5 and ~0.1 ms in
   modules of :data:`SWIGLU_MODULES` (a module global they import from ``mlx_lm.models.base``)
   with :func:`attention`: for :data:`ATTENTION_MIN_QUERIES` queries or more (prefill) the
   whole attention runs in the kernel (``kiapi_attention``: scores, mask, softmax and weighted
-  values per query row, no BLAS; with bfloat16 products, both of its products on AMX tiles
-  too: by hand, a 255-token prefill 183-190 -> 160-166 ms); anything else (decoding's single
+  values per query row, no BLAS; for a prompt chunk over 32 rows with bfloat16 products on,
+  both of its products on AMX tiles too (:func:`bf16_attention`): by hand, a 255-token
+  prefill 183-190 -> 160-166 ms); anything else (decoding's single
   query, attention sinks, a quantized cache) goes to mlx-lm's own function unchanged.
   Process-wide and idempotent.
 * :class:`PackedMLP` (from :func:`packed_mlp_class`) replaces those modules' SwiGLU ``MLP``
@@ -53,6 +54,15 @@ def elementwise_threads(rows: int) -> int:
     if rows > qmatmul.KERNEL_ROWS and qmatmul.bf16_products():
         return qmatmul.cpu_threads()
     return 1
+
+
+def bf16_attention(rows: int) -> bool:
+    """Whether attention over ``rows`` query rows runs its products in bfloat16: for a prompt
+    chunk over ``qmatmul.KERNEL_ROWS`` rows where bfloat16 products are on (AMX,
+    ``KIAPI_MATMUL_PRECISION=auto``), as a packed model's own products over that many rows
+    run; the setting is process-wide, so a model whose matrices stay float32 (the ``rows``
+    or ``columns`` layout) gets it too. Fewer rows: float32, like the kernel's products."""
+    return rows > qmatmul.KERNEL_ROWS and qmatmul.bf16_products()
 
 
 _installed: dict[str, Any] = {}  # module name -> mlx-lm's original function
@@ -108,7 +118,7 @@ def attention(original, queries, keys, values, cache, scale, mask, sinks=None):
     qmatmul.attention(
         q, k, v, view, (batch, heads, kv_heads, length, keys_length, dim),
         query_strides + key_strides * 2 + query_strides, scale, isinstance(mask, str),
-        mask if array_mask else None, threads, bf16=qmatmul.bf16_products(),
+        mask if array_mask else None, threads, bf16=bf16_attention(length * batch),
     )  # fmt: skip
     return out if queries.dtype == mx.float32 else out.astype(queries.dtype)
 

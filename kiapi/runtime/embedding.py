@@ -178,7 +178,7 @@ def embedding_job(
         item=(item, received),
         run_batch=functools.partial(run_embedding_batch, memory, spec),
         cost=estimated_tokens(item),
-        ready_now=functools.partial(memory.is_resident, spec.name),
+        ready_now=functools.partial(memory.ready, spec),
     )
 
 

@@ -12,8 +12,9 @@ Rules (modelled on Ollama's scheduler):
   (reported as ``ttl_s: null``).
 
 Thread ownership: only the worker thread calls :meth:`acquire`, :meth:`release`,
-:meth:`sweep`, :meth:`use` and :meth:`unload_all` (they run loaders and unloaders, i.e. MLX).
-:meth:`snapshot` may be called from any thread. The loader and the clock are injected.
+:meth:`sweep`, :meth:`use`, :meth:`ready` and :meth:`unload_all` (they run loaders and
+unloaders, i.e. MLX). :meth:`snapshot` may be called from any thread. The loader and the
+clock are injected.
 """
 
 from __future__ import annotations
@@ -194,16 +195,34 @@ class MemoryManager:
         finally:
             self.release(spec)
 
-    def sweep(self) -> list[str]:
-        """Evict idle residents whose TTL has passed; returns their names."""
+    def ready(self, spec: ModelSpec) -> bool:
+        """Whether :meth:`acquire` of ``spec`` would neither load nor evict anything now:
+        ``spec`` resident, no resident past its TTL (``acquire`` sweeps first), and room for
+        ``spec`` beside the others. Work that may run inside another job's step asks this: a
+        load or an unload there would stall that job's every stream."""
+        resident = self._residents.get(spec.name)
+        if resident is None or self._expired():
+            return False
+        try:
+            need = resident.loaded.weight_gb + spec.peak_headroom_gb
+            return not self._plan_room(spec, need)
+        except BudgetExceeded:
+            return False
+
+    def _expired(self) -> list[str]:
+        """Idle residents whose TTL has passed."""
         now = self._clock()
-        expired = [
+        return [
             name
             for name, r in self._residents.items()
             if r.in_use == 0
             and (ttl := self.ttl_of(r.spec)) is not None
             and now - r.last_used >= ttl
         ]
+
+    def sweep(self) -> list[str]:
+        """Evict idle residents whose TTL has passed; returns their names."""
+        expired = self._expired()
         for name in expired:
             self._evict(name, "ttl")
         return expired

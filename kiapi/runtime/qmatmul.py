@@ -58,14 +58,18 @@ from kiapi.runtime.mlx_import import import_mlx
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qmatmul.c")
-FLAGS = (
-    "-O3",
-    "-march=native",
-    "-mprefer-vector-width=512",
-    "-ffp-contract=fast",
-    "-fPIC",
-    "-shared",
-)
+
+
+def compile_flags(machine: str) -> tuple[str, ...]:
+    """The compiler's flags for a CPU of ``machine`` (``platform.machine()``). On x86, GCC's
+    own vector loops use 512-bit registers like the kernel's explicit ones (it prefers 256 on
+    Intel, and mixing the two stalled loads on stores); the option is x86's alone (GCC on ARM
+    refuses it)."""
+    wide = ("-mprefer-vector-width=512",) if machine.lower() in ("x86_64", "amd64") else ()
+    return ("-O3", "-march=native", *wide, "-ffp-contract=fast", "-fPIC", "-shared")
+
+
+FLAGS = compile_flags(platform.machine())
 OPENMP = "-fopenmp"
 # More rows than this: expand the matrix and run the BLAS. SmolLM2's layers here (by hand):
 # 24 rows 57 ms through the kernel, 68 expanded; 32 rows 77 against 71; 64 rows 157 against
@@ -347,6 +351,13 @@ def release_scratch() -> None:
     _buffers.by_name.clear()
 
 
+def trim_scratch(max_bytes: int) -> None:
+    """Drop this thread's buffers if together they hold more than ``max_bytes``: after a
+    large batch, between calls (a worker busy with chat never goes quiet)."""
+    if sum(buffer.nbytes for buffer in _buffers.by_name.values()) > max_bytes:
+        release_scratch()
+
+
 def _sgemm():
     """``cblas_sgemm`` of the BLAS MLX uses (kiapi's OpenBLAS), or None."""
     lib = blas.loaded_library()
@@ -486,9 +497,9 @@ def attention(
     """``kiapi_attention`` over NumPy float32 views (see ``qmatmul.c``): ``sizes`` is (batch,
     heads, kv heads, queries, keys, head size); ``strides`` the 12 element strides of q, k, v
     and out; ``mask`` None or a C-contiguous (batch or 1, queries, keys) array, uint8 (nonzero:
-    attend) or float32 (added to the scores). With ``bf16`` (the caller's products are
-    bfloat16 already, :func:`bf16_products`) and a head size that is a multiple of 32, both
-    products run on AMX tiles (``kiapi_attention_bf16``); otherwise in float32."""
+    attend) or float32 (added to the scores). With ``bf16`` (the caller's choice, where
+    :func:`bf16_products` holds) and a head size that is a multiple of 32, both products run
+    on AMX tiles (``kiapi_attention_bf16``); otherwise in float32."""
     batch, heads, kv_heads, length, keys, dim = sizes
     strides_c = (ctypes.c_long * 12)(*strides)
     keep = mask is not None and mask.dtype == "uint8"

@@ -74,7 +74,7 @@ class Batchable:
     embeddings: its estimated tokens). Members with equal keys must have interchangeable
     ``run_batch`` callables.
 
-    ``ready_now`` (any thread, cheap): True when the batch could run this instant without
+    ``ready_now`` (worker thread, cheap): True when the batch could run this instant without
     loading or evicting anything, so the worker may run it inside another job's step (an
     interlude); None: never inside a step.
     """

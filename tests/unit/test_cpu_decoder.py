@@ -159,3 +159,19 @@ def test_a_packed_llama_computes_what_mlx_lm_does(mx, bits, monkeypatch):
     assert len(ran) == 2 * len(model.layers)  # the prompt's pass and the decoded token's
     for got, theirs in zip(outputs, reference, strict=True):
         assert np.abs(got - theirs).max() < 2e-4 * max(1.0, np.abs(theirs).max())
+
+
+def test_attention_runs_in_bfloat16_only_for_prompt_chunks_where_products_do(mx):
+    """Over ``KERNEL_ROWS`` rows a packed model's products run in bfloat16 when the CPU has
+    AMX, and prefill attention follows; decoding-sized and short chunks stay float32, and
+    ``KIAPI_MATMUL_PRECISION=float32`` turns it off."""
+    from kiapi.runtime import qmatmul
+    from kiapi.runtime.cpu_decoder import bf16_attention
+
+    assert not bf16_attention(qmatmul.KERNEL_ROWS)
+    assert bf16_attention(qmatmul.KERNEL_ROWS + 1) == qmatmul.bf16_products()
+    qmatmul.configure("float32")
+    try:
+        assert not bf16_attention(1000)
+    finally:
+        qmatmul.configure("auto")

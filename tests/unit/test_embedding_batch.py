@@ -88,14 +88,21 @@ def test_jobs_for_one_model_share_a_batch_key_and_cost_their_estimated_tokens(mi
     assert short.cost == estimated_tokens(EmbeddingItem(text="hello there")) < long.cost == 752
 
 
-def test_a_job_may_run_inside_a_step_only_while_its_model_is_resident(minilm):
+def test_a_job_may_run_inside_a_step_only_while_nothing_would_load_or_unload(minilm):
     """``ready_now`` lets the worker run the batch between a decode step's layers: only
-    when nothing would load (a load inside a step would stall every stream for seconds)."""
-    memory = memory_serving(minilm.model)
+    when its model is resident and using it evicts nothing (a load or an unload inside a step
+    would stall every stream); past its idle TTL, ``acquire`` would evict and reload it."""
+    now = [0.0]
+    memory = MemoryManager(
+        4.0, default_ttl_s=300, loader=lambda spec: LoadedModel(minilm.model, 0.1),
+        clock=lambda: now[0],
+    )  # fmt: skip
     job = embedding_job(memory, SPEC, EmbeddingItem(text="hello there"), 0.0)
     assert job.ready_now() is False
     with memory.use(SPEC):
         pass
     assert job.ready_now() is True
-    memory.unload_all()
+    now[0] = 400.0  # idle past its TTL: the next acquire sweeps it out first
+    assert job.ready_now() is False
+    memory.sweep()
     assert job.ready_now() is False

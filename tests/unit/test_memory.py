@@ -227,3 +227,25 @@ def test_peek_returns_a_resident_model_without_using_it(loader, clock):
         pass
     assert mm.peek(chat) == "model:chat"
     assert loader.loads == ["chat"]
+
+
+def test_ready_means_acquire_would_neither_load_nor_evict(loader, clock):
+    """What may run inside another job's step: a resident model, no other resident past its
+    TTL (acquire sweeps first), and room without a victim; asking changes nothing."""
+    mm = manager(loader, clock, budget=10.0, ttl=100.0)
+    a, b, c = spec("a", 3), spec("b", 3, headroom=3), spec("c", 2)
+    assert not mm.ready(a)  # not loaded
+    for s in (a, b, c):
+        with mm.use(s):
+            pass
+    assert loader.unloads == []  # 8 GB held
+    assert mm.ready(a) and mm.ready(c)
+    assert not mm.ready(b)  # its 3 GB of headroom beside the other 5: a would be evicted
+    clock.advance(60)
+    with mm.use(a):
+        pass
+    clock.advance(50)  # b and c are past their TTL, a is not: acquire(a) would sweep them
+    assert not mm.ready(a)
+    assert loader.loads == ["a", "b", "c"] and loader.unloads == []
+    mm.sweep()
+    assert mm.ready(a) and loader.unloads == ["b", "c"]

@@ -445,6 +445,12 @@ def test_scratch_rows_are_reused_until_the_worker_goes_quiet():
     assert not np.shares_memory(first, grown)
     release_idle_memory()
     assert not np.shares_memory(grown, qmatmul.scratch_rows("test_rows", 2, 8))
+    # between calls: kept up to a size, dropped beyond it
+    kept = qmatmul.scratch_rows("test_rows", 2, 8)
+    qmatmul.trim_scratch(10 * kept.nbytes)
+    assert np.shares_memory(kept, qmatmul.scratch_rows("test_rows", 2, 8))
+    qmatmul.trim_scratch(kept.nbytes // 2)
+    assert not np.shares_memory(kept, qmatmul.scratch_rows("test_rows", 2, 8))
 
 
 def numpy_bf16_attention(q, k, v, scale, keep, causal):
@@ -508,3 +514,15 @@ def test_bf16_attention_agrees_with_numpy_on_rounded_values(
     expected = numpy_bf16_attention(q, k, v, 0.3, keep, causal)
     assert np.abs(outs[0] - expected).max() < 2e-3
     assert np.abs(outs[0] - outs[1]).max() < 0.05 < np.abs(expected).max()
+
+
+def test_wide_vectors_are_asked_for_on_x86_only():
+    """GCC on ARM refuses ``-mprefer-vector-width``: asking for it there would leave the
+    machine without the kernel."""
+    from kiapi.runtime.qmatmul import compile_flags
+
+    for machine in ("x86_64", "AMD64"):
+        assert "-mprefer-vector-width=512" in compile_flags(machine)
+    for machine in ("aarch64", "arm64"):
+        assert not any(flag.startswith("-mprefer") for flag in compile_flags(machine))
+        assert "-march=native" in compile_flags(machine)
