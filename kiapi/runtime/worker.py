@@ -445,9 +445,15 @@ class Worker:
 
     def _take_ready(self) -> list[tuple[Job, JobBody]]:
         """Remove and return the first queued :class:`Batchable` that is ready now, with its
-        batch mates; empty when none is (lock held)."""
+        batch mates; empty when none is (lock held). Each batch key is asked once: a queue of
+        many jobs for a model that is not ready is scanned at every checkpoint."""
+        answers: dict[Hashable, bool] = {}
         for index, (job, body) in enumerate(self._queue):
-            if isinstance(body, Batchable) and body.ready_now is not None and body.ready_now():
+            if not isinstance(body, Batchable) or body.ready_now is None:
+                continue
+            if body.key not in answers:
+                answers[body.key] = body.ready_now()
+            if answers[body.key]:
                 del self._queue[index]
                 return [(job, body), *self._take_batch_mates(body)]
         return []

@@ -126,3 +126,19 @@ def test_a_checkpoint_outside_a_step_does_nothing():
 def test_share_must_leave_the_step_some_time(share):
     with pytest.raises(ValueError, match="interlude_share"):
         Worker(JobStore(max_finished=1), max_queue=1, interlude_share=share)
+
+
+def test_a_queue_of_jobs_that_are_not_ready_is_asked_once_per_checkpoint():
+    """Jobs waiting for a model that would load share one answer: each checkpoint asks once
+    for their batch key, not once per queued job (256 jobs at every layer of every step)."""
+    scene = Scene(share=0.25)
+    asked = []
+
+    def not_resident() -> bool:
+        asked.append(1)
+        return False
+
+    for _ in range(10):
+        scene.submit(scene.batch("cold", ready=not_resident, seconds=0.0))
+    scene.run()
+    assert len(asked) == LAYERS  # one step of LAYERS checkpoints; the jobs ran after it
