@@ -11,9 +11,8 @@ in the MLP's SiLU: 0.4 s of a 0.7 s prefill, against ~0.5 and ~0.1 ms in
   whole attention runs in the kernel (``kiapi_attention``: scores, mask, softmax and weighted
   values per query row, no BLAS; for a prompt chunk over 32 rows with bfloat16 products on,
   both of its products on AMX tiles too (:func:`bf16_attention`): by hand, a 255-token
-  prefill 183-190 -> 160-166 ms); anything else (decoding's single
-  query, attention sinks, a quantized cache) goes to mlx-lm's own function unchanged.
-  Process-wide and idempotent.
+  prefill 183-190 -> 160-166 ms); anything else (decoding's single query, attention sinks, a
+  quantized cache) goes to mlx-lm's own function unchanged. Process-wide and idempotent.
 * :class:`PackedMLP` (from :func:`packed_mlp_class`) replaces those modules' SwiGLU ``MLP``
   when its projections are packed (:mod:`kiapi.runtime.qmatmul`): gate and up as one product,
   the activation, and down, all on NumPy buffers between one evaluation of ``x`` and one MLX

@@ -542,9 +542,8 @@ def add_layer_norm(a: Any, x: Any, gamma: Any, beta: Any, eps: float, threads: i
 
 
 def gelu_in_place(x: Any, threads: int) -> None:
-    """Exact (erf) GELU of an evaluated float32 MLX array, in its own buffer (as above), or of
-    a C-contiguous float32 NumPy array."""
-    view = x if hasattr(x, "ctypes") else _own_buffer(x)
+    """Exact (erf) GELU of an evaluated float32 MLX array, in its own buffer (as above)."""
+    view = _own_buffer(x)
     kernel().kiapi_gelu(
         ctypes.c_void_p(view.ctypes.data), ctypes.c_long(view.size), ctypes.c_int(threads)
     )
