@@ -172,11 +172,14 @@ class BodyLimit:
                 f"Content-Encoding {encoding[:40]!r} is not supported; send the body uncompressed",
                 hint="drop the Content-Encoding header and compression",
             )
-        if "content-type" not in headers and has_body(scope):
+        content_type = headers.get("content-type")
+        if content_type is None and has_body(scope):
             raise UnsupportedMediaType(
                 "the request has a body but no Content-Type",
                 hint="send Content-Type: application/json (or multipart/form-data for uploads)",
             )
+        if content_type is not None:
+            scope = _with_lowercase_media_type(scope, content_type)
         if self._exempt(scope):
             await self.app(scope, receive, send)
             return
@@ -215,6 +218,28 @@ class BodyLimit:
             f"{what} is over the limit of {self.max_bytes} bytes",
             hint="send less per request, or raise KIAPI_MAX_BODY_MB",
         )
+
+
+def _with_lowercase_media_type(scope: Scope, content_type: str) -> Scope:
+    """``scope`` with the media type of each Content-Type header in lower case (parameters
+    kept as sent).
+
+    Media types are case-insensitive (RFC 9110, 8.3.1), but Connexion matches the body's
+    validator and schema by the header's exact text: ``Application/JSON`` passed its 415 check
+    and then reached the handler unvalidated, without a parsed body (a 500)."""
+    media_type = content_type.partition(";")[0]
+    if media_type == media_type.lower():
+        return scope
+    headers = [
+        (name, _lower_media_type(value) if name.lower() == b"content-type" else value)
+        for name, value in scope["headers"]
+    ]
+    return {**scope, "headers": headers}
+
+
+def _lower_media_type(value: bytes) -> bytes:
+    media_type, sep, parameters = value.partition(b";")
+    return media_type.lower() + sep + parameters
 
 
 def _with_length(scope: Scope, length: int) -> Scope:
