@@ -25,6 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from kiapi.config import Settings
+from kiapi.http.direct import DirectOperations
 from kiapi.http.docs import ASSETS_PATH, doc_routes
 from kiapi.http.errors import install_error_handlers
 from kiapi.http.guards import BearerAuth, BodyLimit, BrowserGuard, HostAllowList
@@ -124,6 +125,7 @@ def middlewares(settings: Settings, doc_paths: list[str]) -> list:
         *cors,
         *MIDDLEWARES[:position],
         *guards,
+        DirectOperations,
         *MIDDLEWARES[position:],
     ]
 

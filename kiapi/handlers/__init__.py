@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import typing as t
 
-from connexion import request
+from connexion.context import receive as request_receive
+from connexion.context import scope as request_scope
 
 from kiapi.http.validation import PARSED_BODY
 from kiapi.runtime.core import Runtime
@@ -28,12 +29,12 @@ def json_body() -> t.Any:
     """The current request's JSON body, parsed once by the body validator (off the event loop
     when large). Handlers of JSON operations call this instead of taking a ``body`` argument:
     Connexion would parse the body again, on the event loop."""
-    return request.scope.get(PARSED_BODY)
+    return request_scope.get(PARSED_BODY)
 
 
 def runtime() -> Runtime:
     """The process's runtime, from the lifespan state of the current request."""
-    return request.state.runtime
+    return request_scope["state"]["runtime"]
 
 
 async def client_disconnected() -> None:
@@ -42,6 +43,6 @@ async def client_disconnected() -> None:
     Only for a request whose body has been read (validation reads it before the handler runs):
     it consumes the connection's remaining messages, and the next one is the disconnect.
     """
-    receive = request.receive
+    receive = request_receive._get_current_object()
     while (await receive())["type"] != "http.disconnect":
         pass
