@@ -13,16 +13,17 @@ arguments (it reads the body with ``kiapi.handlers.json_body()``). For a request
 method and path and a JSON content type (or none: Connexion then assumes the operation's
 first), it runs what Connexion's stack would: the same body validator (``VALIDATOR_MAP``), the
 same context variables the handler reads, the same response decorator and JSON serialiser.
-Every other request (another content type, a templated path, the docs) goes on to Connexion
-unchanged, which also answers 404, 405 and 415.
+Every other request (another content type, a templated path, the docs, any request under a
+``root_path``: Connexion routes those without the prefix) goes on to Connexion unchanged, which
+also answers 404, 405 and 415.
 
 It sits where Connexion's routing middleware sits: inside the exception middleware (what it
 raises is mapped like any error) and kiapi's guards (Host, Origin, token, body size).
 
 It leans on Connexion 3.3 internals, pinned in the lock: ``SpecMiddleware.add_api``'s
 arguments, ``operation_cls.from_spec``, the context variables of ``connexion.context``, and
-``AsyncResponseDecorator``. ``tests/test_direct_operations.py`` checks the seam: every
-operation taken here answers as through Connexion.
+``AsyncResponseDecorator``. ``tests/contract/test_direct_operations.py`` checks the seam:
+every operation taken here answers as through Connexion.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class DirectOperations(SpecMiddleware):
     def add_api(self, specification, *, base_path: str | None = None, **kwargs) -> None:
         """Called by Connexion for every API with ``add_api``'s options (resolver, jsonifier,
         validator map...)."""
-        base_path = base_path or ""
+        if base_path is None:  # as Connexion's APIs: the spec's own (its first server's path)
+            base_path = specification.base_path or ""
         validator_cls = (kwargs.get("validator_map") or {}).get("body", {}).get(JSON)
         if validator_cls is None:
             return
@@ -113,14 +115,15 @@ class DirectOperations(SpecMiddleware):
                 )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not scope.get("root_path"):
             direct = self.routes.get((scope["method"], scope["path"]))
             if direct is not None:
                 mime_type, encoding = utils.split_content_type(
                     utils.extract_content_type(scope["headers"])
                 )
                 if mime_type is None or mime_type.lower() == JSON:
-                    await self._serve(direct, encoding or "utf-8", scope, receive, send)
+                    encoding = "utf-8" if encoding is None else encoding  # as Connexion
+                    await self._serve(direct, encoding, scope, receive, send)
                     return
         await self.app(scope, receive, send)
 

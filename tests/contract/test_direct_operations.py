@@ -11,6 +11,7 @@ stream. A spy checks which requests the direct path served.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -47,6 +48,7 @@ CASES = [
         '{"text": "sixteen bits"}'.encode("utf-16"),
         True,
     ),
+    ("POST", "/v1/embedding", {"content-type": "application/json;charset="}, {"text": 5}, True),
     ("POST", "/v1/embedding", {"content-type": "text/plain"}, b'{"text": "hi"}', False),
     ("POST", "/v1/embedding", {"content-type": "application/merge-patch+json"}, b"{}", False),
     ("POST", "/v1/embeddings", JSON, {"input": ["one", "two"]}, True),
@@ -149,3 +151,18 @@ def test_the_direct_operations_are_the_fixed_path_json_posts(clients):
         ("POST", "/v1/rerank"),
         ("POST", "/v1/chat/completions"),
     }
+
+
+def test_requests_under_a_root_path_go_to_connexion():
+    """Connexion routes a request under a ``root_path`` by its path without the prefix; the
+    table, keyed by full paths, leaves those to it."""
+    passed = []
+
+    async def connexion(scope, receive, send):
+        passed.append(scope["path"])
+
+    table = direct.DirectOperations(connexion)
+    table.routes[("POST", "/v1/embedding")] = "served here"
+    scope = {"type": "http", "method": "POST", "path": "/v1/embedding", "headers": []}
+    asyncio.run(table({**scope, "root_path": "/v1"}, None, None))
+    assert passed == ["/v1/embedding"]
