@@ -148,13 +148,12 @@ def packed_mlp_class() -> type:
             self._hidden = self._down.inputs
 
         def __call__(self, x: Any) -> Any:
-            import numpy as np
 
             mx = import_mlx()
             lead = x.shape[:-1]
             gate_up = self._gate_up.product(qmatmul.evaluated_rows(x, self._gate_up.inputs))
             rows = gate_up.shape[0]
-            hidden = np.empty((rows, self._hidden), dtype=np.float32)
+            hidden = qmatmul.aligned_empty((rows, self._hidden))
             qmatmul.kernel().kiapi_swiglu(
                 ctypes.c_void_p(gate_up.ctypes.data), ctypes.c_int(rows),
                 ctypes.c_int(self._hidden), ctypes.c_void_p(hidden.ctypes.data),

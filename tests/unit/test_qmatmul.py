@@ -453,6 +453,24 @@ def test_scratch_rows_are_reused_until_the_worker_goes_quiet():
     assert not np.shares_memory(kept, qmatmul.scratch_rows("test_rows", 2, 8))
 
 
+def test_the_kernels_buffers_start_cache_lines():
+    """AMX tiles are read and written as 64-byte rows: every buffer kiapi hands the kernel
+    for them starts a cache line (NumPy alone aligns to 16 bytes)."""
+    from kiapi.runtime import qmatmul
+
+    for size, dtype in [(1, np.uint16), (7, np.float32), (1000, np.uint16), (3 * 5, "float32")]:
+        for _ in range(8):  # NumPy's own placement varies between allocations
+            buffer = qmatmul.aligned_empty(size, dtype)
+            assert buffer.ctypes.data % 64 == 0
+            assert buffer.shape == (size,) and buffer.dtype == np.dtype(dtype)
+            assert buffer.flags.c_contiguous and buffer.flags.writeable
+    rows = qmatmul.aligned_empty((3, 5))
+    assert rows.shape == (3, 5) and rows.dtype == np.float32 and rows.ctypes.data % 64 == 0
+    for i in range(8):  # as placed, 16-byte aligned buffers would all start lines 1 in 4**8
+        assert qmatmul.scratch(f"test_{i}", 3 + i, "uint16").ctypes.data % 64 == 0
+    qmatmul.release_scratch()
+
+
 def numpy_bf16_attention(q, k, v, scale, keep, causal):
     """kiapi_attention_bf16's arithmetic in NumPy: q (scaled) and k rounded to bfloat16, the
     scores' masked softmax numerators rounded to bfloat16 against v rounded, divided by their
