@@ -358,6 +358,12 @@ ERF_COEFFICIENTS = (
 )
 NUMPY_SOFTMAX_MIN = 1 << 16  # attention scores from which NumPy's softmax beats MLX's
 TWO_STREAM_MIN_TOKENS = 256  # padded tokens from which a batch runs in two stream halves
+ENCODER_CHUNK_TOKENS = 512
+"""Padded tokens (whole texts, at least one) a bfloat16 encoder layer runs on at a time: its
+intermediates (at 512 tokens, 2.4 MB of q, k, v and 3.1 MB of the MLP's hidden rows) stay in
+the caches instead of going to memory and back between products. By hand, alternating, a
+32 x 128-token MiniLM batch: the whole batch at once 121-126 ms, 512 tokens 103-111, 256
+109-112, 128 126-128 (more calls), 1024 104-109."""
 
 
 def _gelu(x):
@@ -519,10 +525,10 @@ class FastBert:
         on NumPy buffers through the kernel alone, on every core (the fused QKV product, attention
         reading it in place with its two products on AMX tiles too, the output product, residual
         and layer norm in one sweep, the up product, the down product reading GELU of it as it
-        rounds it, residual and norm), into the worker's reused buffers. No MLX op, no BLAS and no
-        stream split between them: MLX's single-threaded element-wise ops and the evaluations
-        between kernel calls were most of a batch's time (by hand, 32 x 128-token texts 474 ms ->
-        see the README)."""
+        rounds it, residual and norm), a few texts at a time (:data:`ENCODER_CHUNK_TOKENS`),
+        into the worker's reused buffers. No MLX op, no BLAS and no stream split between them:
+        MLX's single-threaded element-wise ops and the evaluations between kernel calls were
+        most of a batch's time (by hand, 32 x 128-token texts 474 ms -> see the README)."""
         mx = import_mlx()
         rows, width = input_ids.shape
         heads, size = self.heads, self.head_size
@@ -537,23 +543,33 @@ class FastBert:
         fused = (width * 3 * hidden, size, 3 * hidden)
         context_strides = (width * hidden, size, hidden)
         ffn = self.layers[0]["up"].outputs
-        # each layer's intermediates in the worker's buffers, reused by every layer and batch
-        qkv = qmatmul.scratch_rows("encoder_qkv", tokens, 3 * hidden)
-        context = qmatmul.scratch_rows("encoder_context", tokens, hidden)
-        out = qmatmul.scratch_rows("encoder_out", tokens, hidden)
-        up = qmatmul.scratch_rows("encoder_up", tokens, ffn)
+        # a layer runs on a chunk of whole texts at a time, whose intermediates stay in the
+        # caches, in the worker's buffers, reused by every chunk, layer and batch
+        per_chunk = max(1, ENCODER_CHUNK_TOKENS // width)
+        chunk = min(rows, per_chunk) * width
+        qkv = qmatmul.scratch_rows("encoder_qkv", chunk, 3 * hidden)
+        context = qmatmul.scratch_rows("encoder_context", chunk, hidden)
+        out = qmatmul.scratch_rows("encoder_out", chunk, hidden)
+        up = qmatmul.scratch_rows("encoder_up", chunk, ffn)
         for p in self.layers:
-            qmatmul.gemm_bf16(x, p["qkv"].tiles, 3 * hidden, p["qkv"].bias, out=qkv)
-            qmatmul.attention(
-                qkv, qkv[:, hidden:], qkv[:, 2 * hidden :], context,
-                (rows, heads, heads, width, width, size), fused * 3 + context_strides,
-                1.0, False, keep, threads, bf16=True,
-            )  # fmt: skip
-            qmatmul.gemm_bf16(context, p["out"].tiles, hidden, p["out"].bias, out=out)
-            qmatmul.add_layer_norm(out, x, *p["norm1"], self.eps, threads)
-            qmatmul.gemm_bf16(x, p["up"].tiles, ffn, p["up"].bias, out=up)
-            qmatmul.gemm_bf16(up, p["down"].tiles, hidden, p["down"].bias, out=out, gelu_x=True)
-            qmatmul.add_layer_norm(out, x, *p["norm2"], self.eps, threads)
+            for first in range(0, rows, per_chunk):
+                n = min(rows - first, per_chunk)
+                xs = x[first * width : (first + n) * width]
+                tokens_in = n * width
+                qkvs, cs, outs, ups = (b[:tokens_in] for b in (qkv, context, out, up))
+                qmatmul.gemm_bf16(xs, p["qkv"].tiles, 3 * hidden, p["qkv"].bias, out=qkvs)
+                qmatmul.attention(
+                    qkvs, qkvs[:, hidden:], qkvs[:, 2 * hidden :], cs,
+                    (n, heads, heads, width, width, size), fused * 3 + context_strides,
+                    1.0, False, keep[first : first + n], threads, bf16=True,
+                )  # fmt: skip
+                qmatmul.gemm_bf16(cs, p["out"].tiles, hidden, p["out"].bias, out=outs)
+                qmatmul.add_layer_norm(outs, xs, *p["norm1"], self.eps, threads)
+                qmatmul.gemm_bf16(xs, p["up"].tiles, ffn, p["up"].bias, out=ups)
+                qmatmul.gemm_bf16(
+                    ups, p["down"].tiles, hidden, p["down"].bias, out=outs, gelu_x=True
+                )
+                qmatmul.add_layer_norm(outs, xs, *p["norm2"], self.eps, threads)
         return mx.array(x.reshape(rows, width, hidden))
 
     def __call__(self, input_ids, attention_mask):

@@ -141,6 +141,33 @@ def test_fast_bert_reproduces_the_original_forward_pass(
         assert cosine(row_got, row_want) >= (0.9999 if bf16 else 0.99999)
 
 
+@pytest.mark.parametrize("texts_per_chunk", [1, 2, 3])
+def test_a_bfloat16_encoder_in_chunks_of_texts_gives_the_whole_batchs_answer(
+    minilm, monkeypatch, texts_per_chunk
+):
+    """Layers run on a few texts at a time (ENCODER_CHUNK_TOKENS, for the caches): every row
+    of every product, and each text's attention, is its own, so the hidden states are the
+    ones the whole batch at once gives, to the bit (a last chunk shorter than the others
+    too)."""
+    if not qmatmul.bf16_products():
+        pytest.skip("this CPU has no AMX (or KIAPI_MATMUL_PRECISION=float32)")
+    from kiapi.runtime import mlx_engine
+
+    mx = import_mlx()
+    embedder = minilm.model
+    batch = embedder.token_ids([r["text"] for r in REFERENCE["items"]] * 2)[:7]
+    width = max(len(ids) for ids in batch)
+    ids = mx.array([ids + [0] * (width - len(ids)) for ids in batch])
+    mask = mx.array([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch])
+    fast = FastBert(embedder.model, bf16=True)
+    monkeypatch.setattr(mlx_engine, "ENCODER_CHUNK_TOKENS", 10**9)
+    whole = np.array(fast(ids, mask))
+    monkeypatch.setattr(mlx_engine, "ENCODER_CHUNK_TOKENS", texts_per_chunk * width + 1)
+    chunked = np.array(fast(ids, mask))
+    assert np.array_equal(chunked, whole)
+    assert not np.array_equal(chunked[:, :, :8], np.zeros_like(chunked[:, :, :8]))
+
+
 def test_a_two_stream_batch_gives_every_core_back_to_the_blas(minilm):
     """The two-stream split narrows OpenBLAS to one thread per stream for its call only: a
     chat model decoding next on the worker must not inherit one thread (it did: ~25% slower
