@@ -360,7 +360,7 @@ NUMPY_SOFTMAX_MIN = 1 << 16  # attention scores from which NumPy's softmax beats
 TWO_STREAM_MIN_TOKENS = 256  # padded tokens from which a batch runs in two stream halves
 ENCODER_CHUNK_TOKENS = 512
 """Padded tokens (whole texts, at least one) a bfloat16 encoder layer runs on at a time: its
-intermediates (at 512 tokens, 2.4 MB of q, k, v and 3.1 MB of the MLP's hidden rows) stay in
+intermediates (at 512 tokens, 2.4 MB of q, k, v and 1.5 MB of the MLP's bfloat16 rows) stay in
 the caches instead of going to memory and back between products. By hand, alternating, a
 32 x 128-token MiniLM batch: the whole batch at once 121-126 ms, 512 tokens 103-111, 256
 109-112, 128 126-128 (more calls), 1024 104-109."""
@@ -524,11 +524,12 @@ class FastBert:
         """The encoder with every matrix as bfloat16 tiles: after MLX's embeddings, each layer runs
         on NumPy buffers through the kernel alone, on every core (the fused QKV product, attention
         reading it in place with its two products on AMX tiles too, the output product, residual
-        and layer norm in one sweep, the up product, the down product reading GELU of it as it
-        rounds it, residual and norm), a few texts at a time (:data:`ENCODER_CHUNK_TOKENS`),
-        into the worker's reused buffers. No MLX op, no BLAS and no stream split between them:
-        MLX's single-threaded element-wise ops and the evaluations between kernel calls were
-        most of a batch's time (by hand, 32 x 128-token texts 474 ms -> see the README)."""
+        and layer norm in one sweep, the up product writing GELU of its rows as the down
+        product's bfloat16 tiles, the down product, residual and norm), a few texts at a time
+        (:data:`ENCODER_CHUNK_TOKENS`), into the worker's reused buffers. No MLX op, no BLAS
+        and no stream split between them: MLX's single-threaded element-wise ops and the
+        evaluations between kernel calls were most of a batch's time (by hand, 32 x 128-token
+        texts 474 ms -> see the README)."""
         mx = import_mlx()
         rows, width = input_ids.shape
         heads, size = self.heads, self.head_size
@@ -550,13 +551,12 @@ class FastBert:
         qkv = qmatmul.scratch_rows("encoder_qkv", chunk, 3 * hidden)
         context = qmatmul.scratch_rows("encoder_context", chunk, hidden)
         out = qmatmul.scratch_rows("encoder_out", chunk, hidden)
-        up = qmatmul.scratch_rows("encoder_up", chunk, ffn)
         for p in self.layers:
             for first in range(0, rows, per_chunk):
                 n = min(rows - first, per_chunk)
                 xs = x[first * width : (first + n) * width]
                 tokens_in = n * width
-                qkvs, cs, outs, ups = (b[:tokens_in] for b in (qkv, context, out, up))
+                qkvs, cs, outs = (b[:tokens_in] for b in (qkv, context, out))
                 qmatmul.gemm_bf16(xs, p["qkv"].tiles, 3 * hidden, p["qkv"].bias, out=qkvs)
                 qmatmul.attention(
                     qkvs, qkvs[:, hidden:], qkvs[:, 2 * hidden :], cs,
@@ -565,10 +565,8 @@ class FastBert:
                 )  # fmt: skip
                 qmatmul.gemm_bf16(cs, p["out"].tiles, hidden, p["out"].bias, out=outs)
                 qmatmul.add_layer_norm(outs, xs, *p["norm1"], self.eps, threads)
-                qmatmul.gemm_bf16(xs, p["up"].tiles, ffn, p["up"].bias, out=ups)
-                qmatmul.gemm_bf16(
-                    ups, p["down"].tiles, hidden, p["down"].bias, out=outs, gelu_x=True
-                )
+                gelu = qmatmul.gemm_bf16_gelu_rows(xs, p["up"].tiles, ffn, p["up"].bias)
+                qmatmul.gemm_bf16(gelu, p["down"].tiles, hidden, p["down"].bias, out=outs)
                 qmatmul.add_layer_norm(outs, xs, *p["norm2"], self.eps, threads)
         return mx.array(x.reshape(rows, width, hidden))
 

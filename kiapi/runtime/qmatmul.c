@@ -715,9 +715,12 @@ static inline __attribute__((always_inline)) void bf16_pairs(const float *a, con
 /* A 32 x 32 block of y: rows m0 .. m0 + 31, outputs 32 cb .. 32 cb + 31. x comes as tiles
  * (kiapi_gemm_bf16's `work`), the weights packed; tiles 0-3 sum (starting from the bias, a
  * row read 16 times), 4-5 hold x, 6-7 the weights. A block with rows past M is stored aside
- * and its rows below M copied. */
+ * and its rows below M copied. With `yt`, the block goes there instead, as GELU of it rounded
+ * to bfloat16, in x's tile layout for a product whose inputs are these N outputs (the rows
+ * past M as zeros). */
 static inline void block_32x32(const uint16_t *xt, int M, int K, const uint16_t *w, int N,
-                               const float *bias, const float *zeros, float *y, int m0, int cb) {
+                               const float *bias, const float *zeros, float *y, uint16_t *yt,
+                               int m0, int cb) {
     const int blocks = K / 32;
     const uint16_t *a0 = xt + (size_t)m0 * K, *a1 = a0 + (size_t)16 * K;
     const uint16_t *b0 = w + (size_t)2 * cb * 16 * K, *b1 = b0 + (size_t)16 * K;
@@ -735,6 +738,25 @@ static inline void block_32x32(const uint16_t *xt, int M, int K, const uint16_t 
         _tile_loadd(5, a1 + (size_t)kb * 512, 64);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
+    }
+    if (yt) {
+        float c[32][32] __attribute__((aligned(64)));
+        _tile_stored(0, &c[0][0], 128);
+        _tile_stored(1, &c[0][16], 128);
+        _tile_stored(2, &c[16][0], 128);
+        _tile_stored(3, &c[16][16], 128);
+        for (int r = 0; r < 32; r++) {
+            const int m = m0 + r;
+            uint16_t *dst = yt + ((size_t)(m / 16) * (N / 32) + cb) * 512 + (m % 16) * 32;
+            if (m < M) {
+                float activated[32] __attribute__((aligned(64)));
+                for (int i = 0; i < 32; i++) activated[i] = gelu_of(c[r][i]);
+                bf16_32(activated, 1.0f, dst);
+            } else {
+                memset(dst, 0, 64);
+            }
+        }
+        return;
     }
     float *dst = y + (size_t)m0 * N + 32 * cb;
     const long stride = (long)N * 4;
@@ -754,33 +776,33 @@ static inline void block_32x32(const uint16_t *xt, int M, int K, const uint16_t 
 }
 #endif
 
-/* y (M, N) = x (M, K) times the packed (N, K) matrix, transposed, plus `bias` (N; or NULL);
- * with `gelu_x`, GELU(x) instead of x (an MLP's down product reads its activation as it rounds
- * it: one pass over the hidden rows fewer, by hand 6% of a 32 x 128-token MiniLM batch).
- * `work` holds ((M + 31) / 32 * 32) * K bfloat16 values (x, rounded, padded and tiled).
- * Threads split the rows of y when there are enough of them (each thread then reads every
- * weight tile), else the outputs; a thread walks its rows 128 at a time (x's block stays in
- * its L2 cache) against all its outputs. */
+/* y (M, N) = x (M, K) times the packed (N, K) matrix, transposed, plus `bias` (N; or NULL).
+ * `work` holds ((M + 31) / 32 * 32) * K bfloat16 values: x rounded, padded and tiled, made
+ * here from x, or with `tiled_x` already there (an earlier product's `gelu_tiles`; x is not
+ * read). With `gelu_tiles` (((M + 31) / 32 * 32) * N values), GELU(y) goes there, rounded, as
+ * the tiles of the next product's x, and y is not written: an MLP's up product hands its
+ * activation to the down product without a float32 pass to memory and back (by hand, a 32 x
+ * 128-token MiniLM batch's products 50.5-53 -> 48-50 ms). Threads split the rows of y
+ * when there are enough of them (each thread then reads every weight tile), else the
+ * outputs; a thread walks its rows 128 at a time (x's block stays in its L2 cache) against
+ * all its outputs. */
 int kiapi_gemm_bf16(const float *x, int M, int K, const uint16_t *w, int N, const float *bias,
-                    int gelu_x, float *y, uint16_t *work, int threads) {
+                    int tiled_x, float *y, uint16_t *gelu_tiles, uint16_t *work, int threads) {
     if (!kiapi_bf16_ready()) return -1; /* no AMX, or Linux refused it: tiles would fault */
 #ifdef KIAPI_AMX
     const int padded = (M + 31) / 32 * 32, blocks = K / 32;
     /* x rounded, as tiles: rows 16 r .. 16 r + 15, inputs 32 kb .. 32 kb + 31 at
      * work[(r * K/32 + kb) * 512], 64 bytes a row (one contiguous kilobyte per tile) */
+    if (!tiled_x) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int m = 0; m < padded; m++) {
-        uint16_t *dst = work + (size_t)(m / 16) * 16 * K + (m % 16) * 32;
-        const float *src = x + (size_t)m * K;
-        for (int kb = 0; kb < blocks; kb++) {
-            if (m >= M) {
-                memset(dst + (size_t)kb * 512, 0, 64);
-            } else if (gelu_x) {
-                float activated[32];
-                for (int i = 0; i < 32; i++) activated[i] = gelu_of(src[kb * 32 + i]);
-                bf16_32(activated, 1.0f, dst + (size_t)kb * 512);
-            } else {
-                bf16_32(src + kb * 32, 1.0f, dst + (size_t)kb * 512);
+        for (int m = 0; m < padded; m++) {
+            uint16_t *dst = work + (size_t)(m / 16) * 16 * K + (m % 16) * 32;
+            const float *src = x + (size_t)m * K;
+            for (int kb = 0; kb < blocks; kb++) {
+                if (m >= M)
+                    memset(dst + (size_t)kb * 512, 0, 64);
+                else
+                    bf16_32(src + kb * 32, 1.0f, dst + (size_t)kb * 512);
             }
         }
     }
@@ -806,14 +828,14 @@ int kiapi_gemm_bf16(const float *x, int M, int K, const uint16_t *w, int N, cons
             const int rend = rb + 4 < r1 ? rb + 4 : r1;
             for (int cb = c0; cb < c1; cb++)
                 for (int r = rb; r < rend; r++)
-                    block_32x32(work, M, K, w, N, bias, zeros, y, 32 * r, cb);
+                    block_32x32(work, M, K, w, N, bias, zeros, y, gelu_tiles, 32 * r, cb);
         }
         _tile_release();
     }
     return 0;
 #else
-    (void)x, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)gelu_x, (void)y, (void)work;
-    (void)threads;
+    (void)x, (void)M, (void)K, (void)w, (void)N, (void)bias, (void)tiled_x, (void)y;
+    (void)gelu_tiles, (void)work, (void)threads;
     return -1;
 #endif
 }

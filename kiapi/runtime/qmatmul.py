@@ -50,6 +50,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +212,7 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_dequantize_bf16.argtypes += [pointer, pointer, number]
     lib.kiapi_dequantize_bf16.restype = None
     lib.kiapi_gemm_bf16.argtypes = [pointer, number, number, pointer, number, pointer]
-    lib.kiapi_gemm_bf16.argtypes += [number, pointer, pointer, number]
+    lib.kiapi_gemm_bf16.argtypes += [number, pointer, pointer, pointer, number]
     lib.kiapi_gemm_bf16.restype = ctypes.c_int
     return lib
 
@@ -247,28 +248,59 @@ def bf16_shape(outputs: int, inputs: int) -> bool:
     return outputs % 32 == 0 and inputs % 32 == 0
 
 
-def gemm_bf16(
-    x_view: Any, tiles: Any, outputs: int, bias: Any = None, out: Any = None, gelu_x: bool = False
-) -> Any:
-    """``x @ W.T (+ bias)`` in bfloat16 for a C-contiguous float32 NumPy ``x`` (rows, inputs)
-    and ``W`` packed as AMX tiles (``tiles``, uint16), on every core: written into ``out`` (a
-    C-contiguous float32 NumPy (rows, outputs)) or a new NumPy array, returned. ``gelu_x``:
-    ``GELU(x) @ W.T`` (exact erf GELU, applied as x is rounded; x itself is not changed)."""
+@dataclass(frozen=True)
+class Bf16Rows:
+    """A product's input already rounded to bfloat16 and laid out as the AMX tiles read it
+    (:func:`gemm_bf16_gelu_rows` makes it): ``tiles`` holds ``rows`` rounded up to 32 (zeros
+    past ``rows``) of ``width`` values each. It lives in a worker buffer: used before the next
+    call that makes one."""
 
-    rows, inputs = x_view.shape
+    tiles: Any
+    rows: int
+    width: int
+
+
+def gemm_bf16(x: Any, tiles: Any, outputs: int, bias: Any = None, out: Any = None) -> Any:
+    """``x @ W.T (+ bias)`` in bfloat16 for ``x`` a C-contiguous float32 NumPy (rows, inputs)
+    or :class:`Bf16Rows`, and ``W`` packed as AMX tiles (``tiles``, uint16), on every core:
+    written into ``out`` (a C-contiguous float32 NumPy (rows, outputs)) or a new NumPy array,
+    returned."""
+    if isinstance(x, Bf16Rows):
+        rows, inputs = x.rows, x.width
+    else:
+        rows, inputs = x.shape
     if out is None:
         out = aligned_empty((rows, outputs))
-    work = scratch("x_tiles", (rows + 31) // 32 * 32 * inputs, "uint16")
+    _gemm_bf16(x, rows, inputs, tiles, outputs, bias, out, None)
+    return out
+
+
+def gemm_bf16_gelu_rows(x_view: Any, tiles: Any, outputs: int, bias: Any = None) -> Bf16Rows:
+    """``GELU(x @ W.T + bias)`` (exact erf GELU) for a float32 NumPy ``x`` (rows, inputs),
+    rounded to bfloat16 as the tiles of the next product's input, in this thread's buffer:
+    an MLP's up product for its down product, with no float32 rows between them."""
+    rows, inputs = x_view.shape
+    gelu = scratch("gelu_rows", (rows + 31) // 32 * 32 * outputs, "uint16")
+    _gemm_bf16(x_view, rows, inputs, tiles, outputs, bias, None, gelu)
+    return Bf16Rows(gelu, rows, outputs)
+
+
+def _gemm_bf16(
+    x: Any, rows: int, inputs: int, tiles: Any, outputs: int, bias: Any, y: Any, gelu: Any
+) -> None:
+    tiled = isinstance(x, Bf16Rows)
+    work = x.tiles if tiled else scratch("x_tiles", (rows + 31) // 32 * 32 * inputs, "uint16")
     c = ctypes
     failed = kernel().kiapi_gemm_bf16(
-        c.c_void_p(x_view.ctypes.data), c.c_int(rows), c.c_int(inputs),
+        c.c_void_p(None if tiled else x.ctypes.data), c.c_int(rows), c.c_int(inputs),
         c.c_void_p(tiles.ctypes.data), c.c_int(outputs),
-        c.c_void_p(None if bias is None else bias.ctypes.data), c.c_int(int(gelu_x)),
-        c.c_void_p(out.ctypes.data), c.c_void_p(work.ctypes.data), c.c_int(cpu_threads()),
+        c.c_void_p(None if bias is None else bias.ctypes.data), c.c_int(int(tiled)),
+        c.c_void_p(None if y is None else y.ctypes.data),
+        c.c_void_p(None if gelu is None else gelu.ctypes.data),
+        c.c_void_p(work.ctypes.data), c.c_int(cpu_threads()),
     )  # fmt: skip
     if failed:
         raise RuntimeError("bfloat16 products need AMX, which this CPU or kernel does not give")
-    return out
 
 
 class Bf16Linear:

@@ -106,15 +106,44 @@ def test_bf16_products_agree_with_numpy_on_rounded_values(mx, bf16, rows, with_b
     assert (np.abs(ours - expected) <= 1e-6 * scale + 1e-6).all()
     # and not the float32 product: the rounding is really there
     assert np.abs(ours - (x.astype(np.float64) @ w.T + (0 if b is None else b))).max() > 1e-3
-    # an MLP's down product: GELU(x), rounded, times W; x itself unchanged
+
+
+@pytest.mark.parametrize("rows", [1, 15, 31, 32, 33, 100])
+def test_an_up_product_hands_gelu_of_its_rows_to_the_down_product_as_tiles(mx, bf16, rows):
+    """An MLP in bfloat16: the up product writes GELU of its outputs, rounded, as the tiles the
+    down product reads (zeros past the rows); the down product takes them as its x. The pair
+    equals NumPy's GELU of the rounded up product, rounded, times the rounded down matrix."""
+    from kiapi.runtime.qmatmul import Bf16Linear, gemm_bf16, gemm_bf16_gelu_rows
+
+    rng = np.random.default_rng(rows)
+    w_up = rng.standard_normal((96, 64)).astype(np.float32) * 0.3
+    b_up = rng.standard_normal(96).astype(np.float32)
+    w_down = rng.standard_normal((32, 96)).astype(np.float32)
+    b_down = rng.standard_normal(32).astype(np.float32)
+    x = rng.standard_normal((rows, 64)).astype(np.float32)
+    up = Bf16Linear(mx.array(w_up), mx.array(b_up))
+    down = Bf16Linear(mx.array(w_down), mx.array(b_down))
     before = x.copy()
-    activated = gemm_bf16(x, linear.tiles, 64, linear.bias, gelu_x=True)
-    gelu = bf16_rounded(x * 0.5 * (1 + np.vectorize(math.erf)(x.astype(np.float64) / math.sqrt(2))))
-    expected = gelu @ bf16_rounded(w).T + (0 if b is None else b)
-    assert (x == before).all()
-    # (measured up to 5e-4 of values up to 29: the polynomial erf may round a value the other way)
-    assert np.abs(activated - expected).max() <= 2e-3 * max(1.0, np.abs(expected).max())
-    assert np.abs(activated - ours).max() > 0.1
+    gelu = gemm_bf16_gelu_rows(x, up.tiles, 96, up.bias)
+    assert (gelu.rows, gelu.width) == (rows, 96) and (x == before).all()
+    padded = (rows + 31) // 32 * 32
+    tiles = gelu.tiles[: padded * 96].reshape(padded // 16, 96 // 32, 16, 32)
+    as_rows = tiles.transpose(0, 2, 1, 3).reshape(padded, 96)  # (row, input) order
+    assert (as_rows[rows:] == 0).all()  # padding rows are zeros, whatever the bias
+    hidden = bf16_rounded(x) @ bf16_rounded(w_up).T + b_up
+    erf = np.vectorize(math.erf)(hidden / math.sqrt(2))
+    activated = bf16_rounded((hidden * 0.5 * (1 + erf)).astype(np.float32))
+    got_activated = (as_rows[:rows].astype(np.uint32) << 16).view(np.float32)
+    # (the polynomial erf and float32 sums may round a value to the neighbouring bfloat16)
+    assert np.abs(got_activated - activated).max() <= 2e-2 * max(1.0, np.abs(activated).max())
+    ours = gemm_bf16(gelu, down.tiles, 32, down.bias)
+    expected = activated @ bf16_rounded(w_down).T + b_down
+    assert ours.shape == (rows, 32)
+    assert np.abs(ours - expected).max() <= 2e-2 * max(1.0, np.abs(expected).max())
+    # and the float32 rows through the same down product give the same answer
+    assert np.array_equal(
+        ours, gemm_bf16(np.ascontiguousarray(got_activated), down.tiles, 32, down.bias)
+    )
 
 
 @pytest.mark.parametrize("bits", [4, 8])
