@@ -168,6 +168,28 @@ def test_a_bfloat16_encoder_in_chunks_of_texts_gives_the_whole_batchs_answer(
     assert not np.array_equal(chunked[:, :, :8], np.zeros_like(chunked[:, :, :8]))
 
 
+def test_the_bfloat16_path_embeds_with_numpy_and_the_kernel_as_mlx_does(minilm):
+    """Word, position and token-type rows gathered by NumPy from views of the model's own
+    tables (no copy), normalized in the kernel: MLX's embedding layer to float32 rounding."""
+    if not qmatmul.bf16_products():
+        pytest.skip("this CPU has no AMX (or KIAPI_MATMUL_PRECISION=float32)")
+    mx = import_mlx()
+    embedder = minilm.model
+    fast = FastBert(embedder.model, bf16=True)
+    words = fast.numpy_embeddings[0]
+    table = embedder.model.embeddings.word_embeddings.weight
+    assert np.shares_memory(words, np.array(table, copy=False))
+    batch = embedder.token_ids([r["text"] for r in REFERENCE["items"]])
+    width = max(len(ids) for ids in batch)
+    ids = mx.array([ids + [0] * (width - len(ids)) for ids in batch])
+    rows = len(batch)
+    got = fast._embedded(ids, rows * width, fast.heads * fast.head_size, 2)
+    want = np.array(embedder.model.embeddings(ids)).reshape(rows * width, -1)
+    assert np.abs(got - want).max() < 1e-4
+    # without AMX's path the MLX layer runs: no tables are held
+    assert FastBert(embedder.model, bf16=False).numpy_embeddings is None
+
+
 def test_a_two_stream_batch_gives_every_core_back_to_the_blas(minilm):
     """The two-stream split narrows OpenBLAS to one thread per stream for its call only: a
     chat model decoding next on the worker must not inherit one thread (it did: ~25% slower
