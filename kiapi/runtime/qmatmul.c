@@ -712,6 +712,64 @@ static inline __attribute__((always_inline)) void bf16_pairs(const float *a, con
 #endif
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define KIAPI_SOFTMAX_TILES 1
+/* fast_exp of 16 floats at once: the same polynomial, 2^n applied by scalef. */
+static inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The `seen` (of 32 * blocks) scores at s whose `keep` byte is set (NULL: all): exp(score -
+ * their largest) rounded to bfloat16, 32 to a tile row at p + 512 kb, zeros for the others and
+ * past `seen`; returns the sum of the unrounded values (0, and nothing written, when none is
+ * kept). Two passes, AVX-512 masks for the tail and `keep`: exp_row's five passes with scalar
+ * tails, then the rounding, were 60% of MiniLM's attention (by hand). */
+static inline float softmax_tile_row(const float *s, int seen, int blocks, const uint8_t *keep,
+                                     uint16_t *p) {
+    __m512 top = _mm512_set1_ps(-3.0e38f);
+    for (int j = 0; j < seen; j += 16) {
+        __mmask16 m = seen - j >= 16 ? 0xFFFF : (__mmask16)((1u << (seen - j)) - 1);
+        if (keep) {
+            const __m128i bytes = _mm_maskz_loadu_epi8(m, keep + j);
+            m &= _mm_test_epi8_mask(bytes, bytes);
+        }
+        top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, s + j));
+    }
+    const float best = _mm512_reduce_max_ps(top);
+    if (best == -3.0e38f) return 0.0f;
+    const __m512 shift = _mm512_set1_ps(best);
+    __m512 sum = _mm512_setzero_ps();
+    for (int kb = 0; kb < blocks; kb++) {
+        __m512 half[2];
+        for (int h = 0; h < 2; h++) {
+            const int j = kb * 32 + h * 16;
+            __mmask16 m = j >= seen ? 0 : seen - j >= 16 ? 0xFFFF
+                                                          : (__mmask16)((1u << (seen - j)) - 1);
+            if (keep && m) {
+                const __m128i bytes = _mm_maskz_loadu_epi8(m, keep + j);
+                m &= _mm_test_epi8_mask(bytes, bytes);
+            }
+            half[h] = _mm512_maskz_mov_ps(
+                m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), shift)));
+            sum = _mm512_add_ps(sum, half[h]);
+        }
+        _mm512_storeu_si512(p + (size_t)kb * 512, (__m512i)_mm512_cvtne2ps_pbh(half[1], half[0]));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+#endif
+
 /* A 32 x 32 block of y: rows m0 .. m0 + 31, outputs 32 cb .. 32 cb + 31. x comes as tiles
  * (kiapi_gemm_bf16's `work`), the weights packed; tiles 0-3 sum (starting from the bias, a
  * row read 16 times), 4-5 hold x, 6-7 the weights. A block with rows past M is stored aside
@@ -942,6 +1000,17 @@ int kiapi_attention_bf16(const float *q, const float *k, const float *v, float *
                     if (seen < 0) seen = 0;
                 }
                 float total = 0.0f;
+#ifdef KIAPI_SOFTMAX_TILES
+                if (!add && r < rows) { /* p straight into its tiles */
+                    const size_t mask_row = ((size_t)(mask_batched ? b : 0) * L + i) * S;
+                    total = softmax_tile_row(s, seen, SP / 32, keep ? keep + mask_row : NULL,
+                                             pt + r * 32);
+                    if (total > 0) {
+                        inverse[r] = 1.0f / total;
+                        continue;
+                    }
+                }
+#endif
                 if (r < rows) {
                     const size_t mask_row = ((size_t)(mask_batched ? b : 0) * L + i) * S;
                     if (add)
