@@ -187,7 +187,8 @@ class TextEmbedder(_Embedder):
         ``max_tokens * PREFIX_CHARS_PER_TOKEN`` characters: tokenising a 16 MB text whole
         took 33 s of the worker; what lies past the prefix would be truncated anyway."""
         prefix = self.max_tokens * PREFIX_CHARS_PER_TOKEN
-        batch = [e.ids for e in self.tokenizer.encode_batch([t[:prefix] for t in texts])]
+        # without character offsets: 3.2 ms instead of 4.0 for 32 x 128 tokens (by hand)
+        batch = [e.ids for e in self.tokenizer.encode_batch_fast([t[:prefix] for t in texts])]
         if self.eos_id is not None:
             batch = [
                 ids
