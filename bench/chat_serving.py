@@ -229,6 +229,8 @@ class Mixed:
     chat_tps_busy: float
     embed_rps_idle: float
     embed_rps_busy: float
+    server_cpu_ms_idle: float = float("nan")  # CPU per embedding request, idle (all threads)
+    client_cpu_ms_idle: float = float("nan")  # the load generator's, likewise
 
 
 async def chat_loop(base: str, streams: int, seconds: float, new_tokens: int) -> float:
@@ -254,12 +256,25 @@ async def chat_loop(base: str, streams: int, seconds: float, new_tokens: int) ->
     return len(inside) / (stop - window_start)
 
 
-def measure_mixed(base: str, port: int, seconds: float, new_tokens: int) -> Mixed:
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def measure_mixed(
+    base: str, port: int, seconds: float, new_tokens: int, server_pid: int | None = None
+) -> Mixed:
     from throughput import load, make_texts, request_bytes
 
     texts = make_texts(12, 256, seed=12)
     requests = [request_bytes("/v1/embedding", {"text": t}) for t in texts]
+    server = psutil.Process(server_pid) if server_pid else None
+    me = psutil.Process()
+    before = (cpu_seconds(server) if server else 0.0, cpu_seconds(me), time.perf_counter())
     idle = asyncio.run(load(port, requests, 8, seconds))
+    answered = idle.rps * (time.perf_counter() - before[2])  # about: warm-up and tail too
+    server_ms = (cpu_seconds(server) - before[0]) / answered * 1e3 if server else float("nan")
+    client_ms = (cpu_seconds(me) - before[1]) / answered * 1e3
     chat_idle = asyncio.run(chat_loop(base, 4, seconds, new_tokens))
 
     async def both():
@@ -276,6 +291,8 @@ def measure_mixed(base: str, port: int, seconds: float, new_tokens: int) -> Mixe
         chat_tps_busy=chat_busy,
         embed_rps_idle=idle.rps,
         embed_rps_busy=busy.rps,
+        server_cpu_ms_idle=server_ms,
+        client_cpu_ms_idle=client_ms,
     )
 
 
@@ -289,7 +306,7 @@ def measure_kiapi(
             base = f"http://127.0.0.1:{port}"
             rss_warm = psutil.Process(server.pid).memory_info().rss / 2**20
             figures = asyncio.run(chat_figures("kiapi", base, CHAT_MODEL, new_tokens, longs))
-            mixed = measure_mixed(base, port, seconds, new_tokens)
+            mixed = measure_mixed(base, port, seconds, new_tokens, server.pid)
         finally:
             stop_server(server)
     return figures, mixed, rss_warm, warm_s
@@ -324,6 +341,26 @@ def mixed_table(m: Mixed) -> list[str]:
         f"| {m.chat_tps_idle:.1f} |",
         f"| both at once | {m.embed_p50_busy_ms:.1f} ms | {m.embed_rps_busy:.1f} "
         f"| {m.chat_tps_busy:.1f} |",
+        "",
+        *mixed_arithmetic(m),
+    ]
+
+
+def mixed_arithmetic(m: Mixed) -> list[str]:
+    """What the both-at-once targets ask of the machine: 8 closed-loop clients at 3x their
+    idle p50 send a third of their idle rate (Little's law), and each request costs the CPU it
+    cost idle; that share of the cores is taken from the chat's two decode threads."""
+    per_request = m.server_cpu_ms_idle + m.client_cpu_ms_idle
+    if per_request != per_request:  # nan: not measured
+        return []
+    cores = psutil.cpu_count() or 1
+    idle_share = m.embed_rps_idle * per_request / 1e3 / cores
+    return [
+        f"Idle, each embedding request took {per_request:.2f} core-ms "
+        f"(server {m.server_cpu_ms_idle:.2f}, load generator {m.client_cpu_ms_idle:.2f}): "
+        f"{idle_share:.0%} of the {cores} cores at {m.embed_rps_idle:.0f} req/s. At 3x the "
+        f"idle p50 the 8 clients send a third of that rate, which takes {idle_share / 3:.0%} "
+        "of the cores from the chat (the chat target allows it to lose 30%).",
     ]
 
 
