@@ -547,12 +547,13 @@ class FastBert:
         (0, 1, ...) and token type 0 rows summed and normalized, gathered by NumPy and
         normalized in the kernel (MLX's single-threaded ops took 9 ms of a 32 x 128-token
         batch, by hand); MLX's own layer where the tables are not plain float32 ones."""
-        if self.numpy_embeddings is None:
+        rows, width = input_ids.shape
+        if self.numpy_embeddings is None or width > self.numpy_embeddings[1].shape[0]:
+            # (longer rows than the position table are capped before they get here)
             out = np.array(self.embeddings(input_ids), dtype=np.float32)
             return out.reshape(tokens, hidden)
         words, positions, types, gamma, beta = self.numpy_embeddings
         ids = np.array(input_ids, dtype=np.int64)
-        rows, width = ids.shape
         x = qmatmul.aligned_empty((tokens, hidden))
         np.take(words, ids.reshape(-1), axis=0, out=x)
         added = np.ascontiguousarray(positions[:width] + types[0], dtype=np.float32)
