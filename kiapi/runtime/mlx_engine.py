@@ -548,14 +548,21 @@ class FastBert:
         normalized in the kernel (MLX's single-threaded ops took 9 ms of a 32 x 128-token
         batch, by hand); MLX's own layer where the tables are not plain float32 ones."""
         rows, width = input_ids.shape
-        if self.numpy_embeddings is None or width > self.numpy_embeddings[1].shape[0]:
-            # (longer rows than the position table are capped before they get here)
+        ids = np.array(input_ids, dtype=np.int64)
+        tables = self.numpy_embeddings
+        if (
+            tables is None
+            or width > len(tables[1])
+            or not 0 <= ids.min() <= ids.max() < len(tables[0])
+        ):
+            # (ids and lengths outside the tables never get here from the tokenizer)
             out = np.array(self.embeddings(input_ids), dtype=np.float32)
             return out.reshape(tokens, hidden)
-        words, positions, types, gamma, beta = self.numpy_embeddings
-        ids = np.array(input_ids, dtype=np.int64)
-        x = qmatmul.aligned_empty((tokens, hidden))
-        np.take(words, ids.reshape(-1), axis=0, out=x)
+        words, positions, types, gamma, beta = tables
+        # the worker's buffer: the layers work in it, and the encoder's answer is a copy of it
+        x = qmatmul.scratch_rows("encoder_x", tokens, hidden)
+        # ids checked above: "clip" fills x directly ("raise" buffers: 1.5 -> 0.6 ms, by hand)
+        np.take(words, ids.reshape(-1), axis=0, out=x, mode="clip")
         added = np.ascontiguousarray(positions[:width] + types[0], dtype=np.float32)
         for row in range(rows):  # x = layer_norm(added + x), a text at a time
             qmatmul.add_layer_norm(
