@@ -36,13 +36,13 @@ from connexion import utils
 from connexion.context import _context, _operation, _receive, _scope
 from connexion.decorators.response import AsyncResponseDecorator
 from connexion.frameworks.starlette import Starlette as StarletteFramework
+from connexion.http_facts import METHODS
 from connexion.middleware.abstract import ROUTING_CONTEXT, SpecMiddleware
 from connexion.operations import AbstractOperation
 from connexion.resolver import ResolverError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 JSON = "application/json"
-HTTP_METHODS = ("get", "put", "post", "delete", "patch")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class DirectOperations(SpecMiddleware):
         )
         for path, methods in specification.get("paths", {}).items():
             for method in methods:
-                if method not in HTTP_METHODS:
+                if method not in METHODS:
                     continue
                 try:
                     operation = specification.operation_cls.from_spec(
@@ -121,7 +121,7 @@ class DirectOperations(SpecMiddleware):
                 mime_type, encoding = utils.split_content_type(
                     utils.extract_content_type(scope["headers"])
                 )
-                if mime_type is None or mime_type.lower() == JSON:
+                if mime_type is None or mime_type == JSON:  # BodyLimit lowered it
                     encoding = "utf-8" if encoding is None else encoding  # as Connexion
                     await self._serve(direct, encoding, scope, receive, send)
                     return

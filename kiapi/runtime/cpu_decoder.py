@@ -148,7 +148,6 @@ def packed_mlp_class() -> type:
             self._hidden = self._down.inputs
 
         def __call__(self, x: Any) -> Any:
-
             mx = import_mlx()
             lead = x.shape[:-1]
             gate_up = self._gate_up.product(qmatmul.evaluated_rows(x, self._gate_up.inputs))
