@@ -367,7 +367,7 @@ def aligned_empty(shape: int | tuple[int, ...], dtype: Any = "float32") -> Any:
 
     The kernel reads and writes AMX tiles as 64-byte rows: a row that straddles two lines
     costs two, and NumPy only aligns to 16 bytes. ``bench/encoder_kernel.py``: MiniLM's
-    products at 0.7-1.2 TFLOP/s with their buffers 16 bytes past a line, 1.2-2.4 aligned."""
+    products at 0.7-1.3 TFLOP/s with their buffers 16 bytes past a line, 1.2-2.9 aligned."""
     import numpy as np
 
     dtype = np.dtype(dtype)
