@@ -111,6 +111,14 @@ class Settings(BaseSettings):
         "as embeddings) may take between the layers of a running decode step, instead of "
         "waiting for the whole step; 0: they wait for the step's end.",
     )
+    worker_sched_batch: bool = Field(
+        True,
+        description="Run the inference worker thread, and the threads it starts (MLX's stream "
+        "threads, the kernel's OpenMP threads), under Linux's SCHED_BATCH policy, whose "
+        "wake-ups preempt no running thread: an MLX evaluation then queues its operations "
+        "without being switched out at each one. The HTTP threads keep the default policy. "
+        "No effect on other systems.",
+    )
     chat_max_tokens: PositiveInt = Field(
         1024,
         description="Most tokens one chat completion may generate: the default max_tokens, "

@@ -95,6 +95,7 @@ class Runtime:
                 settings.batch_fill_wait_ms / 1000,
             ),
             interlude_share=settings.interlude_share,
+            sched_batch=settings.worker_sched_batch,
         )
         self.metrics.watch(self.worker.queue_len, self.memory)
         self.files = FileStore(settings.files_root, max_upload_bytes=settings.max_upload_bytes)
