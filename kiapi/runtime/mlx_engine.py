@@ -248,26 +248,21 @@ class TextEmbedder(_Embedder):
         return vectors  # type: ignore[return-value]
 
     def _embed_group(self, batch: list[list[int]]) -> np.ndarray:
-        """One forward pass over right-padded token ids; pooled vectors, one row per input."""
-        mx = import_mlx()
+        """One forward pass over right-padded token ids; pooled vectors, one row per input.
+        The bfloat16 encoder's hidden states are NumPy and pooled by NumPy (no MLX
+        evaluation in the batch); any other forward pass's are MLX's and pooled by MLX."""
         width = max(len(ids) for ids in batch)
         ids = np.zeros((len(batch), width), dtype=np.int32)
         mask = np.zeros((len(batch), width), dtype=np.int32)
         for row, tokens in enumerate(batch):
             ids[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = 1
-        input_ids, attention_mask = mx.array(ids), mx.array(mask)
-        hidden = self.encode(input_ids, attention_mask).astype(mx.float32)
-        weights = attention_mask[..., None].astype(mx.float32)
-        if self.pooling == MEAN:
-            pooled = (hidden * weights).sum(axis=1) / mx.maximum(weights.sum(axis=1), 1e-9)
-        elif self.pooling == MAX:  # padding set to -1e9 first, as sentence-transformers does
-            pooled = mx.where(weights > 0, hidden, -1e9).max(axis=1)
-        elif self.pooling == CLS:
-            pooled = hidden[:, 0]
-        else:
-            pooled = hidden[mx.arange(len(batch)), attention_mask.sum(axis=1) - 1]
-        return np.array(pooled)
+        if self.fast is not None and self.fast.bf16:
+            return pool(np, self.fast.hidden_states(ids, mask), mask, self.pooling)
+        mx = import_mlx()
+        attention_mask = mx.array(mask)
+        hidden = self.encode(mx.array(ids), attention_mask).astype(mx.float32)
+        return np.array(pool(mx, hidden, attention_mask, self.pooling))
 
     def encode(self, input_ids, attention_mask):
         """Last hidden states (batch, tokens, hidden): the fast CPU encoder when the model has
@@ -278,6 +273,19 @@ class TextEmbedder(_Embedder):
             out = self.model.model(input_ids, attention_mask=attention_mask, return_dict=True)
             return out["last_hidden_state"]
         return self.model(input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def pool(xp: Any, hidden: Any, mask: Any, pooling: str) -> Any:
+    """One vector per text from float32 hidden states (texts, tokens, width) and the 0/1
+    ``mask`` of real tokens, with ``xp`` NumPy or ``mlx.core`` (the same operations in both)."""
+    weights = mask[..., None].astype(xp.float32)
+    if pooling == MEAN:
+        return (hidden * weights).sum(axis=1) / xp.maximum(weights.sum(axis=1), 1e-9)
+    if pooling == MAX:  # padding set to -1e9 first, as sentence-transformers does
+        return xp.where(weights > 0, hidden, -1e9).max(axis=1)
+    if pooling == CLS:
+        return hidden[:, 0]
+    return hidden[xp.arange(hidden.shape[0]), mask.sum(axis=1) - 1]  # LAST
 
 
 KEPT_CACHE_BYTES = 64 * 1024**2
@@ -424,7 +432,7 @@ class FastBert:
     * where :func:`kiapi.runtime.qmatmul.bf16_products` holds (a CPU with AMX, the
       ``matmul_precision`` setting ``auto``) and every matrix fits the tiles, the model holds
       its matrices as bfloat16 tiles (:class:`kiapi.runtime.qmatmul.Bf16Linear`) and every
-      layer runs in kiapi's kernel on NumPy buffers (:meth:`_encode_in_kernel`); the rest of
+      layer runs in kiapi's kernel on NumPy buffers (:meth:`hidden_states`); the rest of
       this list is the float32 path, through MLX and the BLAS;
     * the softmax and GELU run in kiapi's kernel (:meth:`__call__`); without it (no C
       compiler) GELU uses :func:`polynomial_gelu` and large attention softmaxes
@@ -556,7 +564,7 @@ class FastBert:
             or not 0 <= ids.min() <= ids.max() < len(tables[0])
         ):
             # (ids and lengths outside the tables never get here from the tokenizer)
-            out = np.array(self.embeddings(input_ids), dtype=np.float32)
+            out = np.array(self.embeddings(import_mlx().array(ids)), dtype=np.float32)
             return out.reshape(tokens, hidden)
         words, positions, types, gamma, beta = tables
         # the worker's buffer: the layers work in it, and the encoder's answer is a copy of it
@@ -564,23 +572,22 @@ class FastBert:
         # ids checked above: "clip" fills x directly ("raise" buffers: 1.5 -> 0.6 ms, by hand)
         np.take(words, ids.reshape(-1), axis=0, out=x, mode="clip")
         added = np.ascontiguousarray(positions[:width] + types[0], dtype=np.float32)
-        for row in range(rows):  # x = layer_norm(added + x), a text at a time
-            qmatmul.add_layer_norm(
-                added, x[row * width : (row + 1) * width], gamma, beta, self.eps, threads
-            )
+        qmatmul.add_layer_norm(added, x, gamma, beta, self.eps, threads)  # added: every text
         return x
 
-    def _encode_in_kernel(self, input_ids, attention_mask):
-        """The encoder with every matrix as bfloat16 tiles: after MLX's embeddings, each layer runs
-        on NumPy buffers through the kernel alone, on every core (the fused QKV product, attention
-        reading it in place with its two products on AMX tiles too, the output product, residual
-        and layer norm in one sweep, the up product writing GELU of its rows as the down
-        product's bfloat16 tiles, the down product, residual and norm), a few texts at a time
-        (:data:`ENCODER_CHUNK_TOKENS`), into the worker's reused buffers. No MLX op, no BLAS
-        and no stream split between them: MLX's single-threaded element-wise ops and the
-        evaluations between kernel calls were most of a batch's time (by hand, 32 x 128-token
-        texts 474 ms -> see the README)."""
-        mx = import_mlx()
+    def hidden_states(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The last hidden states (texts, tokens, hidden) of the encoder with every matrix as
+        bfloat16 tiles, for NumPy token ids and 0/1 mask: a view of the worker's scratch
+        buffer, valid until the worker's next encoder call (its caller reads it at once).
+
+        After the embeddings, each layer runs on NumPy buffers through the kernel alone, on
+        every core (the fused QKV product, attention reading it in place with its two products
+        on AMX tiles too, the output product, residual and layer norm in one sweep, the up
+        product writing GELU of its rows as the down product's bfloat16 tiles, the down
+        product, residual and norm), a few texts at a time (:data:`ENCODER_CHUNK_TOKENS`), into
+        the worker's reused buffers. No MLX op, no BLAS and no stream split between them:
+        MLX's single-threaded element-wise ops and the evaluations between kernel calls were
+        most of a batch's time (by hand, 32 x 128-token texts 474 ms -> see the README)."""
         rows, width = input_ids.shape
         heads, size = self.heads, self.head_size
         hidden, tokens, threads = heads * size, rows * width, self.cores
@@ -618,7 +625,7 @@ class FastBert:
                 gelu = qmatmul.gemm_bf16_gelu_rows(xs, p["up"].tiles, ffn, p["up"].bias)
                 qmatmul.gemm_bf16(gelu, p["down"].tiles, hidden, p["down"].bias, out=outs)
                 qmatmul.add_layer_norm(outs, xs, *p["norm2"], self.eps, threads)
-        return mx.array(x.reshape(rows, width, hidden))
+        return x.reshape(rows, width, hidden)
 
     def __call__(self, input_ids, attention_mask):
         """The encoder's last hidden state, evaluated. A batch of two or more rows runs in
@@ -631,9 +638,9 @@ class FastBert:
         on one thread (on two, a 32 x 12-token batch ran at 430 texts/s instead of 656, by
         hand). Without it, the halves run unsynchronized: the softmax is MLX's (NumPy's for
         a large one on one stream) and GELU :func:`polynomial_gelu`."""
-        if self.bf16:
-            return self._encode_in_kernel(input_ids, attention_mask)
         mx = import_mlx()
+        if self.bf16:
+            return mx.array(self.hidden_states(np.array(input_ids), np.array(attention_mask)))
         rows, width = input_ids.shape
         heads, size = self.heads, self.head_size
         split = rows >= len(self.streams) >= 2  # every half has a row

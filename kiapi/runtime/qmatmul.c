@@ -525,13 +525,15 @@ void kiapi_attention(const float *q, const float *k, const float *v, float *out,
 
 /* x = layer_norm(a + x) over each of `rows` rows of `cols` floats, in place in x: mean and
  * variance of the row in float32 (two passes), then (v - mean) / sqrt(var + eps) * gamma +
- * beta: a transformer block's residual and norm in one sweep. */
-void kiapi_add_layer_norm(const float *a, float *x, int rows, int cols, const float *gamma,
-                          const float *beta, float eps, int threads) {
+ * beta: a transformer block's residual and norm in one sweep. Row r of x adds row r % period
+ * of a: period = rows for a residual, a text's width for position rows added to every text
+ * of a batch. */
+void kiapi_add_layer_norm(const float *a, float *x, int rows, int cols, int period,
+                          const float *gamma, const float *beta, float eps, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int r = 0; r < rows; r++) {
         float *xr = x + (size_t)r * cols;
-        const float *ar = a + (size_t)r * cols;
+        const float *ar = a + (size_t)(r % period) * cols;
 #pragma GCC ivdep
         for (int j = 0; j < cols; j++) xr[j] += ar[j];
         const float mean = sum_of(xr, cols) / cols;

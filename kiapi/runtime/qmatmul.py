@@ -202,7 +202,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_attention.restype = None
     lib.kiapi_attention_bf16.argtypes = lib.kiapi_attention.argtypes
     lib.kiapi_attention_bf16.restype = ctypes.c_int
-    lib.kiapi_add_layer_norm.argtypes = [pointer, pointer, number, number, pointer, pointer]
+    lib.kiapi_add_layer_norm.argtypes = [pointer, pointer, number, number, number, pointer]
+    lib.kiapi_add_layer_norm.argtypes += [pointer]
     lib.kiapi_add_layer_norm.argtypes += [ctypes.c_float, number]
     lib.kiapi_add_layer_norm.restype = None
     lib.kiapi_bf16_ready.argtypes = []
@@ -578,13 +579,17 @@ def attention(
 
 
 def add_layer_norm(a: Any, x: Any, gamma: Any, beta: Any, eps: float, threads: int) -> None:
-    """``x = layer_norm(a + x)`` over rows, in place in the C-contiguous float32 NumPy ``x``."""
+    """``x = layer_norm(a + x)`` over rows, in place in the C-contiguous float32 NumPy ``x``;
+    ``a`` has x's rows, or fewer that repeat down x (a text's position rows, added to each
+    text of a batch): x's row r adds a's row ``r % len(a)``."""
     rows, cols = x.shape
+    if a.shape[1] != cols or not 0 < a.shape[0] <= rows or rows % a.shape[0]:
+        raise ValueError(f"cannot add {a.shape} to every row of {x.shape}")
     c = ctypes
     kernel().kiapi_add_layer_norm(
         c.c_void_p(a.ctypes.data), c.c_void_p(x.ctypes.data), c.c_int(rows), c.c_int(cols),
-        c.c_void_p(gamma.ctypes.data), c.c_void_p(beta.ctypes.data), c.c_float(eps),
-        c.c_int(threads),
+        c.c_int(a.shape[0]), c.c_void_p(gamma.ctypes.data), c.c_void_p(beta.ctypes.data),
+        c.c_float(eps), c.c_int(threads),
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from kiapi.runtime.mlx_engine import (
     load_embedding_model,
     numpy_softmax,
     polynomial_gelu,
+    pool,
 )
 from tests import tiny_models
 from tests.support import minilm_weight_bytes
@@ -428,3 +429,28 @@ def test_memory_is_given_back_after_a_large_batch(minilm):
     grown_mib = (process.memory_info().rss - before) / 2**20
     assert mx.get_cache_memory() <= 64 * 1024**2
     assert grown_mib < 100, f"RSS grew by {grown_mib:.0f} MiB after two 256-token batches"
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "cls", "last"])
+def test_numpy_and_mlx_pool_the_same_as_a_loop_over_real_tokens(pooling):
+    """``pool`` with NumPy (the bfloat16 encoder's path) and with MLX (every other forward
+    pass) against a per-text loop over each text's real tokens: padding never counts."""
+    mx = import_mlx()
+    rng = np.random.default_rng(7)
+    lengths = [5, 1, 3]
+    hidden = rng.standard_normal((3, 5, 8)).astype(np.float32)
+    mask = (np.arange(5)[None, :] < np.array(lengths)[:, None]).astype(np.int32)
+    hidden[mask == 0] = 100.0  # padding rows that would show in any pooling that read them
+    real = [hidden[i, :n] for i, n in enumerate(lengths)]
+    expected = np.stack(
+        {
+            "mean": [r.mean(axis=0) for r in real],
+            "max": [r.max(axis=0) for r in real],
+            "cls": [r[0] for r in real],
+            "last": [r[-1] for r in real],
+        }[pooling]
+    )
+    with_numpy = pool(np, hidden, mask, pooling)
+    with_mlx = np.array(pool(mx, mx.array(hidden), mx.array(mask), pooling))
+    assert np.allclose(with_numpy, expected, atol=1e-6)
+    assert np.allclose(with_mlx, expected, atol=1e-6)

@@ -339,6 +339,28 @@ def test_in_place_softmax_and_gelu_write_mlxs_own_buffer(mx):
         gelu_in_place(mx.array(values).astype(mx.float16), threads=1)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("added_rows", [12, 36])  # a text's position rows; a whole residual
+def test_add_layer_norm_adds_rows_that_repeat_down_the_batch(mx, threads, added_rows):
+    """``x = layer_norm(a + x)`` in place, a's row ``r % len(a)`` added to x's row r: one
+    call normalizes every text of a batch with its position rows (or a full residual)."""
+    from kiapi.runtime.qmatmul import add_layer_norm
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((36, 40)).astype(np.float32)
+    a = rng.standard_normal((added_rows, 40)).astype(np.float32)
+    gamma, beta = (rng.standard_normal(40).astype(np.float32) for _ in range(2))
+    summed = x.astype(np.float64) + np.tile(a, (36 // added_rows, 1))
+    mean, var = summed.mean(-1, keepdims=True), summed.var(-1, keepdims=True)
+    expected = (summed - mean) / np.sqrt(var + 1e-12) * gamma + beta
+    add_layer_norm(a, x, gamma, beta, 1e-12, threads)
+    assert np.abs(x - expected).max() < 1e-4
+
+    for wrong in (a[:, :39], rng.standard_normal((7, 40)).astype(np.float32), a[:0]):
+        with pytest.raises(ValueError, match="cannot add"):
+            add_layer_norm(np.ascontiguousarray(wrong), x, gamma, beta, 1e-12, threads)
+
+
 def test_decoding_more_sequences_than_kernel_rows_stays_on_the_kernel(mx, monkeypatch):
     """A decode step of many sequences (one position each) multiplies the tied head through
     the kernel: MLX's quantized matmul is for prefill's logits, which are never read."""
