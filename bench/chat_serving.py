@@ -2,6 +2,7 @@
 and embeddings sharing one worker.
 
     .venv/bin/python bench/chat_serving.py [--new-tokens 128] [--seconds 8] [--no-peer]
+    .venv/bin/python bench/chat_serving.py --shares 0.15,0.2,0.25
 
 SmolLM2-135M-Instruct (the bundled ``SmolLM2-135M-Instruct.Q4_1.gguf``), greedy, streamed
 (``stream: true``, OpenAI's chunks): a token is a chunk with text. Both servers get 2 threads
@@ -17,7 +18,8 @@ llama-cpp-python's server (``peers.py`` builds it in its own venv) answers one r
 time (it has no ``--parallel``); kiapi runs concurrent streams in one continuous batch.
 
 Then kiapi alone, both bundled models in one server: embedding p50 at 8 clients and chat
-aggregate tokens/s of 4 looping streams, each alone and both at once (issue 16, item 4).
+aggregate tokens/s of 4 looping streams, each alone and both at once (issue 16, item 4);
+with ``--shares``, only that, once per interlude share, each on a fresh server.
 Loopback only; every request has a timeout; prints markdown tables.
 """
 
@@ -364,6 +366,31 @@ def mixed_arithmetic(m: Mixed) -> list[str]:
     ]
 
 
+def share_sweep(shares: list[float], new_tokens: int, seconds: float) -> list[str]:
+    """The both-at-once figures for each interlude share (``KIAPI_INTERLUDE_SHARE``), a fresh
+    server each: what each share trades between the embeddings' p50 and the chat's loss."""
+    lines = [
+        "| interlude share | embeddings p50 alone | with 4 chat streams | ratio "
+        "| chat tok/s alone | with embeddings | change |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for share in shares:
+        port = free_port()
+        with tempfile.TemporaryDirectory() as files_root:
+            env = {**kiapi_env(), "KIAPI_INTERLUDE_SHARE": str(share)}
+            server, _ = start_server(port, files_root, env)
+            try:
+                m = measure_mixed(f"http://127.0.0.1:{port}", port, seconds, new_tokens)
+            finally:
+                stop_server(server)
+        lines.append(
+            f"| {share:g} | {m.embed_p50_idle_ms:.1f} ms | {m.embed_p50_busy_ms:.1f} ms "
+            f"| {m.embed_p50_busy_ms / m.embed_p50_idle_ms:.2f}x | {m.chat_tps_idle:.1f} "
+            f"| {m.chat_tps_busy:.1f} | {m.chat_tps_busy / m.chat_tps_idle - 1:+.1%} |"
+        )
+    return lines
+
+
 def measure_in_subprocess(server: str, new_tokens: int, seconds: float, longs: list[str]):
     """One server's measurements in a fresh child process, so that no load generator state
     carries from one server to the next. (llama-cpp-python's single-stream figure still
@@ -421,6 +448,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python")
+    parser.add_argument(
+        "--shares",
+        help="only the both-at-once figures, once per interlude share (comma-separated)",
+    )
     parser.add_argument("--prompts-only", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["kiapi", "llamacpp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -430,6 +461,11 @@ def main() -> None:
         return
     if args.prompts_only:
         print(json.dumps(make_long_prompts(args.prompts_only)))
+        return
+    if args.shares:
+        shares = [float(v) for v in args.shares.split(",")]
+        print(f"machine: {machine()}; SmolLM2-135M-Instruct Q4_1 GGUF and all-MiniLM-L6-v2\n")
+        print("\n".join(share_sweep(shares, args.new_tokens, args.seconds)))
         return
     result = run(args.new_tokens, args.seconds, not args.no_peer)
     print(f"machine: {machine()}; SmolLM2-135M-Instruct Q4_1 GGUF, greedy, {THREADS} threads\n")
