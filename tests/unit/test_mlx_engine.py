@@ -454,3 +454,19 @@ def test_numpy_and_mlx_pool_the_same_as_a_loop_over_real_tokens(pooling):
     with_mlx = np.array(pool(mx, mx.array(hidden), mx.array(mask), pooling))
     assert np.allclose(with_numpy, expected, atol=1e-6)
     assert np.allclose(with_mlx, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "cls", "last"])
+def test_pooled_vectors_outlive_the_next_batch(minilm, monkeypatch, pooling):
+    """Vectors own their memory: the bfloat16 encoder's hidden states are the worker's reused
+    buffer, and CLS pooling of them is a view. Short texts in a call with a long one (two
+    length groups, the long one run second) and after another call equal the same texts
+    alone."""
+    embedder = minilm.model
+    monkeypatch.setattr(embedder, "pooling", pooling)
+    short = ["a cat sat on the mat", "the sea is calm today"]
+    alone = [out.vector.copy() for out in embedder.embed(texts(*short))]
+    mixed = embedder.embed(texts(*short, "a much longer text " * 40))
+    embedder.embed(texts("another call that reuses the buffers " * 10))
+    for before, out in zip(alone, mixed[:2], strict=True):
+        np.testing.assert_allclose(out.vector, before, atol=1e-5)
