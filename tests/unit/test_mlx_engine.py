@@ -182,10 +182,10 @@ def test_the_bfloat16_path_embeds_with_numpy_and_the_kernel_as_mlx_does(minilm):
     assert np.shares_memory(words, np.array(table, copy=False))
     batch = embedder.token_ids([r["text"] for r in REFERENCE["items"]])
     width = max(len(ids) for ids in batch)
-    ids = mx.array([ids + [0] * (width - len(ids)) for ids in batch])
+    ids = np.array([ids + [0] * (width - len(ids)) for ids in batch], dtype=np.int32)
     rows = len(batch)
-    got = fast._embedded(ids, rows * width, fast.heads * fast.head_size, 2)
-    want = np.array(embedder.model.embeddings(ids)).reshape(rows * width, -1)
+    got = fast._embedded(ids, rows * width, fast.heads * fast.head_size, 2)  # NumPy, as embed's
+    want = np.array(embedder.model.embeddings(mx.array(ids))).reshape(rows * width, -1)
     assert np.abs(got - want).max() < 1e-4
     # without AMX's path the MLX layer runs: no tables are held
     assert FastBert(embedder.model, bf16=False).numpy_embeddings is None

@@ -1,5 +1,6 @@
 """The worker thread runs under SCHED_BATCH when told to (the runtime's default), the threads it
-starts inherit it (MLX's stream threads among them), and no other thread is touched."""
+starts inherit it (MLX's stream threads among them), and the thread that starts it keeps its
+own policy."""
 
 import os
 import sys
