@@ -3,6 +3,7 @@ and embeddings sharing one worker.
 
     .venv/bin/python bench/chat_serving.py [--new-tokens 128] [--seconds 8] [--no-peer]
     .venv/bin/python bench/chat_serving.py --shares 0.15,0.2,0.25
+    .venv/bin/python bench/chat_serving.py --http-cost
 
 SmolLM2-135M-Instruct (the bundled ``SmolLM2-135M-Instruct.Q4_1.gguf``), greedy, streamed
 (``stream: true``, OpenAI's chunks): a token is a chunk with text. Both servers get 2 threads
@@ -19,7 +20,9 @@ time (it has no ``--parallel``); kiapi runs concurrent streams in one continuous
 
 Then kiapi alone, both bundled models in one server: embedding p50 at 8 clients and chat
 aggregate tokens/s of 4 looping streams, each alone and both at once (issue 16, item 4);
-with ``--shares``, only that, once per interlude share, each on a fresh server.
+with ``--shares``, only that, once per interlude share, each on a fresh server. With
+``--http-cost``, what embedding requests cost the chat before any reaches the worker (see
+:func:`http_cost`).
 Loopback only; every request has a timeout; prints markdown tables.
 """
 
@@ -391,6 +394,131 @@ def share_sweep(shares: list[float], new_tokens: int, seconds: float) -> list[st
     return lines
 
 
+async def paced(port: int, request: bytes, rate: float, seconds: float, conns: int = 8):
+    """The same request on ``conns`` connections at ``rate`` requests/s in all, an open loop,
+    for ``seconds``; the statuses answered, counted."""
+    from throughput import read_response
+
+    interval, stop = conns / rate, time.perf_counter() + seconds
+    statuses: dict[int, int] = {}
+
+    async def one(index: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        due = time.perf_counter() + index * interval / conns
+        try:
+            while time.perf_counter() < stop:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                due += interval
+                writer.write(request)
+                status, _ = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one(i) for i in range(conns)))
+    return statuses
+
+
+BARE_SERVER = """
+import asyncio, sys
+REPLY = b"HTTP/1.1 404 Not Found\\r\\ncontent-length: 2\\r\\n\\r\\n{}"
+async def serve(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            length = next(int(line[15:]) for line in head.lower().split(b"\\r\\n")
+                          if line.startswith(b"content-length:"))
+            await reader.readexactly(length)
+            writer.write(REPLY)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]))
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def http_cost(new_tokens: int, seconds: float) -> list[str]:
+    """What embedding requests cost the chat before any reaches the worker.
+
+    On one fresh server: the embeddings' idle p50 at 8 clients gives the rate that the
+    both-at-once p50 target implies (8 closed-loop clients at 3x that p50 send 8 / (3 x p50)
+    requests/s, Little's law). Then 4 chat streams decode alone, and beside requests paced at
+    that rate (an open loop on 8 connections) that the server refuses without any worker time:
+    with a ``Host`` it does not serve (its first guard answers), and with an unknown model
+    (the whole request path: guards, body validation, the handler, the error's JSON). And,
+    for a floor, beside the same requests answered 404 by :data:`BARE_SERVER` (a plain
+    asyncio server in another process: no framework, no GIL shared with the worker). Each
+    row: the chat's tokens/s and, per request, the CPU of the server's event-loop thread (the
+    bare server's process) and of this load generator (over what each took with the chat
+    alone)."""
+    from throughput import load, make_texts, request_bytes
+
+    texts = make_texts(12, 256, seed=12)
+    port, bare_port = free_port(), free_port()
+    bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)])
+    with tempfile.TemporaryDirectory() as files_root:
+        server, _ = start_server(port, files_root, kiapi_env())
+        try:
+            base = f"http://127.0.0.1:{port}"
+            real = [request_bytes("/v1/embedding", {"text": t}) for t in texts]
+            idle = asyncio.run(load(port, real, 8, seconds))
+            rate = 8 / (3 * idle.ms(50) / 1e3)
+            unknown = request_bytes("/v1/embedding", {"text": texts[0], "model": "no-such"})
+            foreign = unknown.replace(b"Host: 127.0.0.1", b"Host: rebind.example", 1)
+            server_process, me = psutil.Process(server.pid), psutil.Process()
+            bare_process = psutil.Process(bare.pid)
+
+            def loop_cpu() -> float:  # kiapi's main thread runs the event loop; the bare server
+                main = next(t for t in server_process.threads() if t.id == server.pid)
+                return main.user_time + main.system_time + cpu_seconds(bare_process)
+
+            async def chat_beside(request: bytes | None, to: int) -> tuple[float, dict]:
+                chat = asyncio.create_task(chat_loop(base, 4, seconds, new_tokens))
+                await asyncio.sleep(2.0)  # the streams are decoding
+                statuses = await paced(to, request, rate, seconds) if request else {}
+                return await chat, statuses
+
+            rows = []
+            for name, request, to in (
+                ("4 chat streams alone", None, port),
+                ("beside requests its Host guard refuses (403)", foreign, port),
+                ("beside requests for an unknown model (400)", unknown, port),
+                ("beside the same, answered by a bare asyncio server (404)", unknown, bare_port),
+            ):
+                before = (loop_cpu(), cpu_seconds(me), time.perf_counter())
+                tps, statuses = asyncio.run(chat_beside(request, to))
+                wall = time.perf_counter() - before[2]
+                cpu = (loop_cpu() - before[0]) / wall, (cpu_seconds(me) - before[1]) / wall
+                rows.append((name, tps, statuses, cpu, wall))
+        finally:
+            stop_server(server)
+            stop_server(bare)
+    alone_tps, alone_cpu = rows[0][1], rows[0][3]
+    lines = [
+        f"Embeddings alone, 8 clients: p50 {idle.ms(50):.1f} ms, so the both-at-once target "
+        f"(p50 <= 3x) needs {rate:.0f} requests/s from 8 closed-loop clients. Requests paced "
+        "at that rate, none reaching the worker (CPU per request: over the chat alone's):",
+        "",
+        "| chat | tok/s | change | answered | server's event loop, CPU ms per request "
+        "| load generator, CPU ms per request |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, tps, statuses, cpu, wall in rows:
+        count = sum(statuses.values())
+        extra = [
+            f"{(c - a) * wall / count * 1e3:.2f}" if count else "-"
+            for c, a in zip(cpu, alone_cpu, strict=True)
+        ]
+        answered = ", ".join(f"{n} x {s}" for s, n in sorted(statuses.items())) or "-"
+        lines.append(
+            f"| {name} | {tps:.1f} | {tps / alone_tps - 1:+.1%} | {answered} "
+            f"| {extra[0]} | {extra[1]} |"
+        )
+    return lines
+
+
 def measure_in_subprocess(server: str, new_tokens: int, seconds: float, longs: list[str]):
     """One server's measurements in a fresh child process, so that no load generator state
     carries from one server to the next. (llama-cpp-python's single-stream figure still
@@ -452,6 +580,11 @@ def main() -> None:
         "--shares",
         help="only the both-at-once figures, once per interlude share (comma-separated)",
     )
+    parser.add_argument(
+        "--http-cost",
+        action="store_true",
+        help="only what embedding requests refused before the worker cost the chat",
+    )
     parser.add_argument("--prompts-only", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["kiapi", "llamacpp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -466,6 +599,10 @@ def main() -> None:
         shares = [float(v) for v in args.shares.split(",")]
         print(f"machine: {machine()}; SmolLM2-135M-Instruct Q4_1 GGUF and all-MiniLM-L6-v2\n")
         print("\n".join(share_sweep(shares, args.new_tokens, args.seconds)))
+        return
+    if args.http_cost:
+        print(f"machine: {machine()}; SmolLM2-135M-Instruct Q4_1 GGUF and all-MiniLM-L6-v2\n")
+        print("\n".join(http_cost(args.new_tokens, args.seconds)))
         return
     result = run(args.new_tokens, args.seconds, not args.no_peer)
     print(f"machine: {machine()}; SmolLM2-135M-Instruct Q4_1 GGUF, greedy, {THREADS} threads\n")
