@@ -236,6 +236,26 @@ class Mixed:
     embed_rps_busy: float
     server_cpu_ms_idle: float = float("nan")  # CPU per embedding request, idle (all threads)
     client_cpu_ms_idle: float = float("nan")  # the load generator's, likewise
+    interludes: int = 0  # embedding batches run inside chat steps, both at once
+    interlude_ms: float = float("nan")  # their mean worker time
+    interlude_share: float = float("nan")  # their worker time over the wall time
+
+
+def interlude_totals(base: str) -> tuple[float, float, float]:
+    """The server's embedding interludes so far (count, total seconds), and now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    count = total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("type") != "embedding":
+                continue
+            if sample.name == "kiapi_interlude_duration_seconds_count":
+                count = sample.value
+            elif sample.name == "kiapi_interlude_duration_seconds_sum":
+                total = sample.value
+    return count, total, time.perf_counter()
 
 
 async def chat_loop(base: str, streams: int, seconds: float, new_tokens: int) -> float:
@@ -285,10 +305,13 @@ def measure_mixed(
     async def both():
         chat = asyncio.create_task(chat_loop(base, 4, seconds + 2, new_tokens))
         await asyncio.sleep(2.5)  # the chat streams are decoding
+        start = await asyncio.to_thread(interlude_totals, base)
         embed = await load(port, requests, 8, seconds)
-        return embed, await chat
+        end = await asyncio.to_thread(interlude_totals, base)
+        return embed, await chat, start, end
 
-    busy, chat_busy = asyncio.run(both())
+    busy, chat_busy, start, end = asyncio.run(both())
+    interludes = int(end[0] - start[0])
     return Mixed(
         embed_p50_idle_ms=idle.ms(50),
         embed_p50_busy_ms=busy.ms(50),
@@ -298,6 +321,9 @@ def measure_mixed(
         embed_rps_busy=busy.rps,
         server_cpu_ms_idle=server_ms,
         client_cpu_ms_idle=client_ms,
+        interludes=interludes,
+        interlude_ms=(end[1] - start[1]) / interludes * 1e3 if interludes else float("nan"),
+        interlude_share=(end[1] - start[1]) / (end[2] - start[2]),
     )
 
 
@@ -366,6 +392,10 @@ def mixed_arithmetic(m: Mixed) -> list[str]:
         f"{idle_share:.0%} of the {cores} cores at {m.embed_rps_idle:.0f} req/s. At 3x the "
         f"idle p50 the 8 clients send a third of that rate, which takes {idle_share / 3:.0%} "
         "of the cores from the chat (the chat target allows it to lose 30%).",
+        "",
+        f"Both at once, the worker ran {m.interludes} embedding batches inside chat steps "
+        f"(interludes), {m.interlude_ms:.1f} ms each on average: {m.interlude_share:.0%} of the "
+        "wall time, while the chat's steps waited.",
     ]
 
 
@@ -374,8 +404,8 @@ def share_sweep(shares: list[float], new_tokens: int, seconds: float) -> list[st
     server each: what each share trades between the embeddings' p50 and the chat's loss."""
     lines = [
         "| interlude share | embeddings p50 alone | with 4 chat streams | ratio "
-        "| chat tok/s alone | with embeddings | change |",
-        "|---|---|---|---|---|---|---|",
+        "| chat tok/s alone | with embeddings | change | interludes: mean, share of the time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for share in shares:
         port = free_port()
@@ -389,7 +419,8 @@ def share_sweep(shares: list[float], new_tokens: int, seconds: float) -> list[st
         lines.append(
             f"| {share:g} | {m.embed_p50_idle_ms:.1f} ms | {m.embed_p50_busy_ms:.1f} ms "
             f"| {m.embed_p50_busy_ms / m.embed_p50_idle_ms:.2f}x | {m.chat_tps_idle:.1f} "
-            f"| {m.chat_tps_busy:.1f} | {m.chat_tps_busy / m.chat_tps_idle - 1:+.1%} |"
+            f"| {m.chat_tps_busy:.1f} | {m.chat_tps_busy / m.chat_tps_idle - 1:+.1%} "
+            f"| {m.interlude_ms:.1f} ms, {m.interlude_share:.0%} |"
         )
     return lines
 

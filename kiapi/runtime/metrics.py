@@ -1,7 +1,8 @@
 """Prometheus metrics (``prometheus-client``): one :class:`Metrics` per runtime.
 
 Events are recorded where they happen: the HTTP layer calls :meth:`Metrics.request_done`,
-the worker :meth:`Metrics.job_done` and :meth:`Metrics.batch_ran`. State that already lives in
+the worker :meth:`Metrics.job_done`, :meth:`Metrics.batch_ran` and
+:meth:`Metrics.interlude_ran`. State that already lives in
 the runtime (queue length, resident models, evictions) is read at scrape time by
 :class:`RuntimeCollector`, so it can never drift from what ``/health`` says. Each
 :class:`Metrics` has its own registry: several apps in one process (the tests) never share
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+INTERLUDE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class Metrics:
@@ -56,6 +58,15 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.interlude_seconds = Histogram(
+            "kiapi_interlude_duration_seconds",
+            "Worker time of each interlude (a queued batch run between two layers of another "
+            "job's step, which waits meanwhile), by the batch's job type.",
+            ["type"],
+            buckets=INTERLUDE_BUCKETS,
+            registry=self.registry,
+        )
+
     def request_done(self, operation: str, method: str, status: int, seconds: float) -> None:
         labels = (operation, method, str(status))
         self.requests.labels(*labels).inc()
@@ -66,6 +77,9 @@ class Metrics:
 
     def batch_ran(self, job_type: str, size: int) -> None:
         self.batch_size.labels(job_type).observe(size)
+
+    def interlude_ran(self, job_type: str, seconds: float) -> None:
+        self.interlude_seconds.labels(job_type).observe(seconds)
 
     def watch(self, queue_len: Callable[[], int], memory: MemoryManager) -> None:
         """Expose the runtime's own state at scrape time (called once, by the runtime)."""

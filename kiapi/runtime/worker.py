@@ -469,6 +469,8 @@ class Worker:
         self._worked = True
         self._run_taken(taken)
         ended = self._clock()
+        if self._metrics is not None:
+            self._metrics.interlude_ran(taken[0][0].type, ended - began)
         share = self._interlude_share
         self._interlude_after = ended + (ended - began) * (1 - share) / share
 

@@ -7,6 +7,7 @@ import pytest
 
 from kiapi.runtime import interlude
 from kiapi.runtime.jobs import SUCCEEDED, JobStore
+from kiapi.runtime.metrics import Metrics
 from kiapi.runtime.worker import Batchable, JobOutput, Joinable, Worker
 from tests.support import wait_until
 
@@ -57,18 +58,20 @@ class LayeredRunner:
 class Scene:
     """A worker (not started) with one step runner's job queued first, then batch jobs."""
 
-    def __init__(self, share: float) -> None:
+    def __init__(self, share: float, metrics: Metrics | None = None) -> None:
         self.store = JobStore(max_finished=100)
         self.clock = FakeClock()
         self.log: list = []
-        self.worker = Worker(self.store, max_queue=20, interlude_share=share, clock=self.clock)
+        self.worker = Worker(
+            self.store, max_queue=20, interlude_share=share, clock=self.clock, metrics=metrics
+        )
         self.jobs = []
         self.submit(
             Joinable(key="chat", item=1, open_runner=lambda: LayeredRunner(self.log, self.clock))
         )
 
-    def submit(self, body) -> None:
-        job = self.store.create("test", {})
+    def submit(self, body, job_type: str = "test") -> None:
+        job = self.store.create(job_type, {})
         self.worker.submit(job, body)
         self.jobs.append(job)
 
@@ -104,6 +107,24 @@ def test_a_ready_batch_runs_between_layers_within_its_share():
         ("layer", 1), ("layer", 2), ("layer", 3), ("batch", "b"),  # t=5
         ("batch", "not-resident"), ("batch", "no-answer"),  # after the step, one per turn
     ]  # fmt: skip
+
+
+def test_each_interlude_is_timed_by_its_batch_type():
+    """``kiapi_interlude_duration_seconds``: one observation per interlude, its worker time by
+    the worker's clock, labelled with the batch's job type; batches run after the step are
+    not interludes."""
+    metrics = Metrics()
+    scene = Scene(share=0.25, metrics=metrics)
+    scene.submit(scene.batch("a", ready=lambda: True, seconds=1.0), job_type="embedding")
+    scene.submit(scene.batch("b", ready=lambda: True, seconds=0.5), job_type="rerank")
+    scene.submit(scene.batch("not-resident", ready=lambda: False), job_type="embedding")
+    scene.run()
+    sample = metrics.registry.get_sample_value
+    name = "kiapi_interlude_duration_seconds"
+    assert sample(f"{name}_count", {"type": "embedding"}) == 1
+    assert sample(f"{name}_sum", {"type": "embedding"}) == 1.0
+    assert sample(f"{name}_count", {"type": "rerank"}) == 1
+    assert sample(f"{name}_sum", {"type": "rerank"}) == 0.5
 
 
 def test_share_zero_keeps_every_batch_for_the_steps_end():
