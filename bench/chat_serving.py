@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import subprocess
@@ -488,44 +489,43 @@ def http_cost(new_tokens: int, seconds: float) -> list[str]:
 
     texts = make_texts(12, 256, seed=12)
     port, bare_port = free_port(), free_port()
-    bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)])
-    with tempfile.TemporaryDirectory() as files_root:
+    with contextlib.ExitStack() as cleanup:  # stops the servers, then removes the folder
+        bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)])
+        cleanup.callback(stop_server, bare)
+        files_root = cleanup.enter_context(tempfile.TemporaryDirectory())
         server, _ = start_server(port, files_root, kiapi_env())
-        try:
-            base = f"http://127.0.0.1:{port}"
-            real = [request_bytes("/v1/embedding", {"text": t}) for t in texts]
-            idle = asyncio.run(load(port, real, 8, seconds))
-            rate = 8 / (3 * idle.ms(50) / 1e3)
-            unknown = request_bytes("/v1/embedding", {"text": texts[0], "model": "no-such"})
-            foreign = unknown.replace(b"Host: 127.0.0.1", b"Host: rebind.example", 1)
-            server_process, me = psutil.Process(server.pid), psutil.Process()
-            bare_process = psutil.Process(bare.pid)
+        cleanup.callback(stop_server, server)
+        base = f"http://127.0.0.1:{port}"
+        real = [request_bytes("/v1/embedding", {"text": t}) for t in texts]
+        idle = asyncio.run(load(port, real, 8, seconds))
+        rate = 8 / (3 * idle.ms(50) / 1e3)
+        unknown = request_bytes("/v1/embedding", {"text": texts[0], "model": "no-such"})
+        foreign = unknown.replace(b"Host: 127.0.0.1", b"Host: rebind.example", 1)
+        server_process, me = psutil.Process(server.pid), psutil.Process()
+        bare_process = psutil.Process(bare.pid)
 
-            def loop_cpu() -> float:  # kiapi's main thread runs the event loop; the bare server
-                main = next(t for t in server_process.threads() if t.id == server.pid)
-                return main.user_time + main.system_time + cpu_seconds(bare_process)
+        def loop_cpu() -> float:  # kiapi's main thread runs the event loop; the bare server
+            main = next(t for t in server_process.threads() if t.id == server.pid)
+            return main.user_time + main.system_time + cpu_seconds(bare_process)
 
-            async def chat_beside(request: bytes | None, to: int) -> tuple[float, dict]:
-                chat = asyncio.create_task(chat_loop(base, 4, seconds, new_tokens))
-                await asyncio.sleep(2.0)  # the streams are decoding
-                statuses = await paced(to, request, rate, seconds) if request else {}
-                return await chat, statuses
+        async def chat_beside(request: bytes | None, to: int) -> tuple[float, dict]:
+            chat = asyncio.create_task(chat_loop(base, 4, seconds, new_tokens))
+            await asyncio.sleep(2.0)  # the streams are decoding
+            statuses = await paced(to, request, rate, seconds) if request else {}
+            return await chat, statuses
 
-            rows = []
-            for name, request, to in (
-                ("4 chat streams alone", None, port),
-                ("beside requests its Host guard refuses (403)", foreign, port),
-                ("beside requests for an unknown model (400)", unknown, port),
-                ("beside the same, answered by a bare asyncio server (404)", unknown, bare_port),
-            ):
-                before = (loop_cpu(), cpu_seconds(me), time.perf_counter())
-                tps, statuses = asyncio.run(chat_beside(request, to))
-                wall = time.perf_counter() - before[2]
-                cpu = (loop_cpu() - before[0]) / wall, (cpu_seconds(me) - before[1]) / wall
-                rows.append((name, tps, statuses, cpu, wall))
-        finally:
-            stop_server(server)
-            stop_server(bare)
+        rows = []
+        for name, request, to in (
+            ("4 chat streams alone", None, port),
+            ("beside requests its Host guard refuses (403)", foreign, port),
+            ("beside requests for an unknown model (400)", unknown, port),
+            ("beside the same, answered by a bare asyncio server (404)", unknown, bare_port),
+        ):
+            before = (loop_cpu(), cpu_seconds(me), time.perf_counter())
+            tps, statuses = asyncio.run(chat_beside(request, to))
+            wall = time.perf_counter() - before[2]
+            cpu = (loop_cpu() - before[0]) / wall, (cpu_seconds(me) - before[1]) / wall
+            rows.append((name, tps, statuses, cpu, wall))
     alone_tps, alone_cpu = rows[0][1], rows[0][3]
     lines = [
         f"Embeddings alone, 8 clients: p50 {idle.ms(50):.1f} ms, so the both-at-once target "

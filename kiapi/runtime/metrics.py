@@ -2,11 +2,10 @@
 
 Events are recorded where they happen: the HTTP layer calls :meth:`Metrics.request_done`,
 the worker :meth:`Metrics.job_done`, :meth:`Metrics.batch_ran` and
-:meth:`Metrics.interlude_ran`. State that already lives in
-the runtime (queue length, resident models, evictions) is read at scrape time by
-:class:`RuntimeCollector`, so it can never drift from what ``/health`` says. Each
-:class:`Metrics` has its own registry: several apps in one process (the tests) never share
-counters.
+:meth:`Metrics.interlude_ran`. State that already lives in the runtime (queue length, resident
+models, evictions) is read at scrape time by :class:`RuntimeCollector`, so it can never drift
+from what ``/health`` says. Each :class:`Metrics` has its own registry: several apps in one
+process (the tests) never share counters.
 """
 
 from __future__ import annotations
@@ -57,7 +56,6 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-
         self.interlude_seconds = Histogram(
             "kiapi_interlude_duration_seconds",
             "Worker time of each interlude (a queued batch run between two layers of another "
