@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -375,6 +376,8 @@ def mixed_table(m: Mixed) -> list[str]:
         f"| {m.chat_tps_busy:.1f} |",
         "",
         *mixed_arithmetic(m),
+        "",
+        interlude_line(m),
     ]
 
 
@@ -393,11 +396,17 @@ def mixed_arithmetic(m: Mixed) -> list[str]:
         f"{idle_share:.0%} of the {cores} cores at {m.embed_rps_idle:.0f} req/s. At 3x the "
         f"idle p50 the 8 clients send a third of that rate, which takes {idle_share / 3:.0%} "
         "of the cores from the chat (the chat target allows it to lose 30%).",
-        "",
+    ]
+
+
+def interlude_line(m: Mixed) -> str:
+    if not m.interludes:
+        return "Both at once, the worker ran no embedding batch inside a chat step."
+    return (
         f"Both at once, the worker ran {m.interludes} embedding batches inside chat steps "
         f"(interludes), {m.interlude_ms:.1f} ms each on average: {m.interlude_share:.0%} of the "
-        "wall time, while the chat's steps waited.",
-    ]
+        "wall time, while the chat's steps waited."
+    )
 
 
 def share_sweep(shares: list[float], new_tokens: int, seconds: float) -> list[str]:
@@ -427,27 +436,40 @@ def share_sweep(shares: list[float], new_tokens: int, seconds: float) -> list[st
 
 
 async def paced(port: int, request: bytes, rate: float, seconds: float, conns: int = 8):
-    """The same request on ``conns`` connections at ``rate`` requests/s in all, an open loop,
-    for ``seconds``; the statuses answered, counted."""
+    """The same request at ``rate`` requests/s in all for ``seconds``, the way 8 closed-loop
+    clients send when a batch answers them together: every ``conns / rate`` seconds each of
+    ``conns`` connections sends one at once, and the next burst waits for every answer (and
+    for its time: a late burst delays the rest, with no catching up). The statuses answered,
+    counted."""
     from throughput import read_response
 
-    interval, stop = conns / rate, time.perf_counter() + seconds
+    period, stop = conns / rate, time.perf_counter() + seconds
     statuses: dict[int, int] = {}
+    streams = await asyncio.wait_for(
+        asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(conns))),
+        REQUEST_TIMEOUT_S,
+    )
 
-    async def one(index: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        due = time.perf_counter() + index * interval / conns
-        try:
-            while time.perf_counter() < stop:
-                await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                due += interval
-                writer.write(request)
-                status, _ = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
-                statuses[status] = statuses.get(status, 0) + 1
-        finally:
+    async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(request)
+        status, _ = await read_response(reader)
+        statuses[status] = statuses.get(status, 0) + 1
+
+    try:
+        due = time.perf_counter()
+        while (now := time.perf_counter()) < stop:
+            await asyncio.sleep(max(0.0, due - now))
+            due = max(due, time.perf_counter()) + period
+            await asyncio.wait_for(
+                asyncio.gather(*(ask(reader, writer) for reader, writer in streams)),
+                REQUEST_TIMEOUT_S,
+            )
+    finally:
+        for _, writer in streams:
             writer.close()
-
-    await asyncio.gather(*(one(i) for i in range(conns)))
+        for _, writer in streams:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
     return statuses
 
 
@@ -458,11 +480,13 @@ async def serve(reader, writer):
     try:
         while True:
             head = await reader.readuntil(b"\\r\\n\\r\\n")
-            length = next(int(line[15:]) for line in head.lower().split(b"\\r\\n")
-                          if line.startswith(b"content-length:"))
+            length = next((int(line[15:]) for line in head.lower().split(b"\\r\\n")
+                           if line.startswith(b"content-length:")), 0)
             await reader.readexactly(length)
             writer.write(REPLY)
-    except (asyncio.IncompleteReadError, ConnectionError):
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+        pass  # the client left, or sent what this server does not read
+    finally:
         writer.close()
 async def main():
     server = await asyncio.start_server(serve, "127.0.0.1", int(sys.argv[1]))
@@ -471,27 +495,43 @@ asyncio.run(main())
 """
 
 
+def wait_listening(port: int, process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Return once something accepts connections on ``port``; fail if ``process`` exits or
+    ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the bare server exited ({process.returncode})")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listened on port {port} within {timeout_s:.0f} s")
+
+
 def http_cost(new_tokens: int, seconds: float) -> list[str]:
     """What embedding requests cost the chat before any reaches the worker.
 
     On one fresh server: the embeddings' idle p50 at 8 clients gives the rate that the
     both-at-once p50 target implies (8 closed-loop clients at 3x that p50 send 8 / (3 x p50)
-    requests/s, Little's law). Then 4 chat streams decode alone, and beside requests paced at
-    that rate (an open loop on 8 connections) that the server refuses without any worker time:
-    with a ``Host`` it does not serve (its first guard answers), and with an unknown model
-    (the whole request path: guards, body validation, the handler, the error's JSON). And,
-    for a floor, beside the same requests answered 404 by :data:`BARE_SERVER` (a plain
-    asyncio server in another process: no framework, no GIL shared with the worker). Each
-    row: the chat's tokens/s and, per request, the CPU of the server's event-loop thread (the
-    bare server's process) and of this load generator (over what each took with the chat
-    alone)."""
+    requests/s, Little's law). Then 4 chat streams decode alone, and beside requests sent at
+    that rate (:func:`paced`: bursts of 8, as the clients send when one batch answers them all)
+    that the server refuses without any worker time: with a ``Host`` it does not serve (its
+    first guard answers), and with an unknown model (the whole request path: guards, body
+    validation, the handler, the error's JSON). And, for a floor, beside the same requests
+    answered 404 by :data:`BARE_SERVER` (a plain asyncio server in another process: no
+    framework, no GIL shared with the worker). Each row: the chat's tokens/s and, per request,
+    the CPU of the server's event-loop thread (the bare server's process) and of this load
+    generator, over what each took with the chat alone (beside the requests the chat decodes
+    slower and its streaming costs the event loop less, so these are a little low)."""
     from throughput import load, make_texts, request_bytes
 
     texts = make_texts(12, 256, seed=12)
     port, bare_port = free_port(), free_port()
-    with contextlib.ExitStack() as cleanup:  # stops the servers, then removes the folder
+    # on the way out: kiapi stops, its folder goes, the bare server stops
+    with contextlib.ExitStack() as cleanup:
         bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)])
         cleanup.callback(stop_server, bare)
+        wait_listening(bare_port, bare)
         files_root = cleanup.enter_context(tempfile.TemporaryDirectory())
         server, _ = start_server(port, files_root, kiapi_env())
         cleanup.callback(stop_server, server)

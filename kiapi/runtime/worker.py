@@ -397,14 +397,17 @@ class Worker:
                 )
             self._runners.clear()
 
-    def _run_taken(self, taken: list[tuple[Job, JobBody]]) -> None:
+    def _run_taken(self, taken: list[tuple[Job, JobBody]]) -> bool:
+        """Start the taken jobs and run (or join) those not canceled meanwhile; False when
+        every one of them was."""
         members = [(job, body) for job, body in taken if self._start(job)]
         if not members:
-            return
+            return False
         if isinstance(members[0][1], Joinable):
             self._join(members)
-            return
+            return True
         self._run_members(members)
+        return True
 
     def _join(self, members: list[tuple[Job, JobBody]]) -> None:
         """Put started :class:`Joinable` jobs (one key) into their runner, opening it."""
@@ -467,7 +470,8 @@ class Worker:
         if not taken:
             return
         self._worked = True
-        self._run_taken(taken)
+        if not self._run_taken(taken):
+            return  # all canceled meanwhile: nothing ran, no time to account for
         ended = self._clock()
         if self._metrics is not None:
             self._metrics.interlude_ran(taken[0][0].type, ended - began)

@@ -127,6 +127,27 @@ def test_each_interlude_is_timed_by_its_batch_type():
     assert sample(f"{name}_sum", {"type": "rerank"}) == 0.5
 
 
+def test_an_interlude_whose_jobs_were_all_canceled_is_not_timed():
+    """A batch whose waiter gave up before the worker took it runs nothing, so it is not
+    observed; the next ready batch runs at the next checkpoint."""
+    metrics = Metrics()
+    scene = Scene(share=0.25, metrics=metrics)
+    scene.submit(scene.batch("gone", ready=lambda: True), job_type="embedding")
+    assert scene.jobs[-1].future.cancel()
+    scene.submit(scene.batch("b", ready=lambda: True, seconds=0.5), job_type="rerank")
+    chat, gone, b = scene.jobs
+    scene.worker.start()
+    try:
+        wait_until(lambda: chat.status == SUCCEEDED and b.status == SUCCEEDED)
+    finally:
+        scene.worker.stop()
+    sample = metrics.registry.get_sample_value
+    name = "kiapi_interlude_duration_seconds"
+    assert sample(f"{name}_count", {"type": "embedding"}) is None
+    assert sample(f"{name}_count", {"type": "rerank"}) == 1
+    assert scene.log[:3] == [("layer", 0), ("layer", 1), ("batch", "b")]
+
+
 def test_share_zero_keeps_every_batch_for_the_steps_end():
     scene = Scene(share=0.0)
     scene.submit(scene.batch("a", ready=lambda: True))
