@@ -8,8 +8,20 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kiapi.specs import SPECS_DIR
+
+if TYPE_CHECKING:
+    from kiapi.config import Settings
+
+
+def tune_interpreter(settings: Settings) -> None:
+    """Process-wide, for ``kiapi serve``: Python's switch interval
+    (``KIAPI_GIL_SWITCH_INTERVAL_US``), how long the event loop's thread keeps the GIL once the
+    worker asks for it between two kernel calls (with Python's 5 ms the decode threads sat idle
+    behind request handling; README, Performance)."""
+    sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -25,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = Settings(**overrides)
     heap.limit_arenas(settings.malloc_arenas)  # before the threads that allocate start
+    tune_interpreter(settings)
     configure(settings.log_level, settings.log_format)
     if not settings.token and not is_loopback(settings.host):
         logging.getLogger("kiapi").warning(

@@ -119,6 +119,16 @@ class Settings(BaseSettings):
         "without being switched out at each one. The HTTP threads keep the default policy. "
         "No effect on other systems.",
     )
+    gil_switch_interval_us: float = Field(
+        200,
+        ge=10,
+        le=100_000,
+        description="Python's switch interval for `kiapi serve`, in microseconds (Python's "
+        "default: 5000): how long a thread running Python keeps the GIL once another asks for "
+        "it. The worker needs the GIL between two kernel calls of a decode step; with Python's "
+        "default it waited behind the event loop's request handling, with both decode threads "
+        "idle.",
+    )
     chat_max_tokens: PositiveInt = Field(
         1024,
         description="Most tokens one chat completion may generate: the default max_tokens, "
