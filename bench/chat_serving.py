@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -475,7 +474,7 @@ async def paced(port: int, request: bytes, rate: float, seconds: float, conns: i
 
 BARE_SERVER = """
 import asyncio, sys
-REPLY = b"HTTP/1.1 404 Not Found\\r\\ncontent-length: 2\\r\\n\\r\\n{}"
+REPLY = b"HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\n{}"
 async def serve(reader, writer):
     try:
         while True:
@@ -495,19 +494,6 @@ asyncio.run(main())
 """
 
 
-def wait_listening(port: int, process: subprocess.Popen, timeout_s: float = 30) -> None:
-    """Return once something accepts connections on ``port``; fail if ``process`` exits or
-    ``timeout_s`` passes first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the bare server exited ({process.returncode})")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"nothing listened on port {port} within {timeout_s:.0f} s")
-
-
 def http_cost(new_tokens: int, seconds: float) -> list[str]:
     """What embedding requests cost the chat before any reaches the worker.
 
@@ -518,7 +504,7 @@ def http_cost(new_tokens: int, seconds: float) -> list[str]:
     that the server refuses without any worker time: with a ``Host`` it does not serve (its
     first guard answers), and with an unknown model (the whole request path: guards, body
     validation, the handler, the error's JSON). And, for a floor, beside the same requests
-    answered 404 by :data:`BARE_SERVER` (a plain asyncio server in another process: no
+    answered at once by :data:`BARE_SERVER` (a plain asyncio server in another process: no
     framework, no GIL shared with the worker). Each row: the chat's tokens/s and, per request,
     the CPU of the server's event-loop thread (the bare server's process) and of this load
     generator, over what each took with the chat alone (beside the requests the chat decodes
@@ -529,9 +515,14 @@ def http_cost(new_tokens: int, seconds: float) -> list[str]:
     port, bare_port = free_port(), free_port()
     # on the way out: kiapi stops, its folder goes, the bare server stops
     with contextlib.ExitStack() as cleanup:
-        bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)])
+        bare, _ = start_peer(
+            [sys.executable, "-c", BARE_SERVER, str(bare_port)],
+            {},
+            f"http://127.0.0.1:{bare_port}/",
+            "the bare server",
+            timeout_s=30,
+        )
         cleanup.callback(stop_server, bare)
-        wait_listening(bare_port, bare)
         files_root = cleanup.enter_context(tempfile.TemporaryDirectory())
         server, _ = start_server(port, files_root, kiapi_env())
         cleanup.callback(stop_server, server)
@@ -559,7 +550,7 @@ def http_cost(new_tokens: int, seconds: float) -> list[str]:
             ("4 chat streams alone", None, port),
             ("beside requests its Host guard refuses (403)", foreign, port),
             ("beside requests for an unknown model (400)", unknown, port),
-            ("beside the same, answered by a bare asyncio server (404)", unknown, bare_port),
+            ("beside the same, answered at once by a bare asyncio server", unknown, bare_port),
         ):
             before = (loop_cpu(), cpu_seconds(me), time.perf_counter())
             tps, statuses = asyncio.run(chat_beside(request, to))

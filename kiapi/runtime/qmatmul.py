@@ -202,9 +202,8 @@ def kernel() -> ctypes.CDLL | None:
     lib.kiapi_attention.restype = None
     lib.kiapi_attention_bf16.argtypes = lib.kiapi_attention.argtypes
     lib.kiapi_attention_bf16.restype = ctypes.c_int
-    lib.kiapi_add_layer_norm.argtypes = [pointer, pointer, number, number, number, pointer]
-    lib.kiapi_add_layer_norm.argtypes += [pointer]
-    lib.kiapi_add_layer_norm.argtypes += [ctypes.c_float, number]
+    lib.kiapi_add_layer_norm.argtypes = [pointer, pointer, number, number, number]  # a, x, dims
+    lib.kiapi_add_layer_norm.argtypes += [pointer, pointer, ctypes.c_float, number]
     lib.kiapi_add_layer_norm.restype = None
     lib.kiapi_bf16_ready.argtypes = []
     lib.kiapi_pack_bf16.argtypes = [pointer, number, number, pointer, number]
